@@ -1,0 +1,1 @@
+../../budgetpress/__init__.py

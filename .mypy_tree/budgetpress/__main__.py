@@ -1,0 +1,1 @@
+../../budgetpress/__main__.py

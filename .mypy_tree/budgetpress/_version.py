@@ -1,0 +1,1 @@
+../../budgetpress/_version.py

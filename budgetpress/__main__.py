@@ -1,0 +1,5 @@
+import sys
+
+from budgetpress.cli import main
+
+sys.exit(main())

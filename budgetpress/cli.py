@@ -1,0 +1,257 @@
+"""The budgetpress command line: ``search``, ``model train-builtin`` and ``model info``.
+
+Bad input exits with code 2 and one line on stderr; with ``--json`` stdout holds only JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+class UsageError(Exception):
+    """Bad input from the command line; reported in one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="budgetpress", description="Compression search for language models under a memory budget.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    search = commands.add_parser("search", help="search per-layer compression settings under a budget")
+    search.add_argument("--model", default="builtin", help="'builtin', a local transformers directory, or a hub id")
+    search.add_argument("--budget", required=True, help="memory budget: '35%%' of dense, '6GiB', or bytes '1.5e9'")
+    search.add_argument(
+        "--workload", default="batch=1,context=512", help="KV-cache workload, e.g. batch=1,context=2048"
+    )
+    search.add_argument("--strategy", default="tpe", choices=["tpe", "uniform"])
+    search.add_argument("--trials", type=int, default=40, help="number of trials (evaluated plans)")
+    search.add_argument("--storage", default=None, help="database URL (default: sqlite file in the working directory)")
+    search.add_argument("--study", default=None, help="study name (default: a new, timestamped name)")
+    search.add_argument("--workers", type=int, default=2, help="Ray workers evaluating plans in parallel")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument(
+        "--grouping", default="unit", choices=["unit", "layer", "role"], help="which units share one choice"
+    )
+    search.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="calibrate and evaluate on these text files instead of the built-in corpus",
+    )
+    search.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    search.add_argument("-v", "--verbose", action="store_true")
+    model = commands.add_parser("model", help="the built-in model").add_subparsers(
+        dest="model_command", required=True, parser_class=_Parser
+    )
+    train = model.add_parser("train-builtin", help="train the built-in model from its recipe")
+    train.add_argument("--preset", default="full", choices=["full", "micro"])
+    train.add_argument("--out", required=True, type=Path, help="directory to write weights, config and manifest")
+    train.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    train.add_argument("--json", action="store_true")
+    info = model.add_parser("info", help="describe a model")
+    info.add_argument("name", help="'builtin' or a local directory")
+    info.add_argument("--json", action="store_true")
+    return parser
+
+
+def _default_storage() -> str:
+    return f"sqlite:///{Path.cwd() / 'budgetpress.db'}"
+
+
+def _default_study_name() -> str:
+    return f"search-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def _plan_table(report: Any) -> str:
+    """Per-layer allocation: one row per decoder layer, one column per linear role."""
+    from budgetpress.space import effective_bits
+
+    units = report.space.profile.linear_units
+    roles = list(dict.fromkeys(u.role for u in units))
+    width = max(8, *(len(r) for r in roles))
+    lines = ["layer " + " ".join(f"{r:>{width}}" for r in roles) + f" {'avg bits':>9}"]
+    for layer in sorted({u.layer for u in units}):
+        members = [u for u in units if u.layer == layer]
+        cells = {u.role: report.best.plan.get(u.key) for u in members}
+        params = sum(u.in_features * u.out_features for u in members)
+        bits = sum(effective_bits(u, report.best.plan[u.key]) * u.in_features * u.out_features for u in members)
+        row = " ".join(f"{(cells[r].label() if cells.get(r) else '16b'):>{width}}" for r in roles)
+        lines.append(f"{layer:>5} {row} {bits / params:>9.2f}")
+    return "\n".join(lines)
+
+
+def _result_row(name: str, memory_bytes: int, kl: float, ppl: float) -> str:
+    return f"{name:<15} {memory_bytes / 1024 / 1024:>12.3f} {kl:>9.5g} {ppl:>9.3f}"
+
+
+def _human_summary(report: Any) -> str:
+    mib = 1024 * 1024
+    return "\n".join(
+        [
+            f"study {report.request.study_name} in {report.request.storage}",
+            f"budget {report.budget_bytes / mib:.3f} MiB of dense {report.dense_bytes / mib:.3f} MiB; "
+            f"{report.n_complete}/{report.n_trials} trials complete",
+            _plan_table(report),
+            "held-out          memory MiB        KL       ppl",
+            _result_row("best plan", report.best.memory_bytes, report.best.kl, report.best.ppl),
+            _result_row("best uniform", report.uniform.memory_bytes, report.uniform.kl, report.uniform.ppl),
+            _result_row("dense", report.dense_bytes, 0.0, report.dense_ppl),
+        ]
+    )
+
+
+class _BarProgress:
+    """A tqdm bar on stderr for trials, and one line per stage."""
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+        self._bar: Any = None
+        self._best = float("inf")
+
+    def stage(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        print(f"budgetpress: {text}", file=sys.stderr, flush=True)
+
+    def trial(self, record: Any, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc="trials", unit="trial", file=sys.stderr, dynamic_ncols=True)
+        fitness = record.outcome.fitness
+        if fitness is not None:
+            self._best = min(self._best, fitness)
+        self._bar.set_postfix(best_kl=f"{self._best:.4g}", refresh=False)
+        self._bar.update(1)
+
+
+def _cmd_search(args: argparse.Namespace) -> dict[str, Any]:
+    from budgetpress.space import Budget, Grouping, Workload
+    from budgetpress.workers import SearchRequest, run_search
+
+    request = SearchRequest(
+        model=args.model,
+        budget=Budget.parse(args.budget),
+        workload=Workload.parse(args.workload),
+        strategy=args.strategy,
+        n_trials=args.trials,
+        storage=args.storage or _default_storage(),
+        study_name=args.study or _default_study_name(),
+        n_workers=args.workers,
+        seed=args.seed,
+        grouping=Grouping(args.grouping),
+        text_files=tuple(args.text),
+    )
+    report = run_search(request, _BarProgress(args.trials))
+    if not args.json:
+        print(_human_summary(report))
+    return report.to_dict()
+
+
+def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from budgetpress.evaluators import PRESETS, train_builtin
+
+    steps = args.steps if args.steps is not None else PRESETS[args.preset].steps
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1; got {steps}")
+    with tqdm(total=steps, desc=f"training {args.preset}", unit="step", file=sys.stderr) as bar:
+
+        def on_step(step: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update(1)
+
+        manifest = train_builtin(preset=args.preset, out_dir=args.out, steps=args.steps, on_step=on_step)
+    if not args.json:
+        print(
+            f"wrote {args.out}: {manifest['n_params']} parameters, held-out "
+            f"{manifest['heldout_bits_per_byte']} bits per byte"
+        )
+    return {"out": str(args.out), **{k: manifest[k] for k in ("n_params", "heldout_bits_per_byte", "weights_sha256")}}
+
+
+def _cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    from budgetpress.evaluators import profile_source, read_manifest, resolve_model
+    from budgetpress.space import Workload, dense_bytes
+
+    source = resolve_model(args.name)
+    profile = profile_source(source)
+    info: dict[str, Any] = {
+        "model": args.name,
+        "architecture": profile.architecture,
+        "n_params": profile.n_params,
+        "n_layers": profile.n_layers,
+        "n_linear_units": len(profile.linear_units),
+        "dense_bytes_default_workload": dense_bytes(profile, Workload()),
+    }
+    assert source.local_dir is not None
+    if (source.local_dir / "manifest.json").is_file():
+        manifest = read_manifest(source.local_dir)
+        info.update(
+            heldout_bits_per_byte=manifest["heldout_bits_per_byte"],
+            weights_sha256=manifest["weights_sha256"],
+            recipe=manifest["recipe"],
+        )
+    if not args.json:
+        for key, value in info.items():
+            if key != "recipe":
+                print(f"{key:>30}: {value}")
+    return info
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command == "search":
+        return _cmd_search(args)
+    if args.model_command == "train-builtin":
+        return _cmd_train(args)
+    return _cmd_info(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from budgetpress.evaluators import ModelLoadError
+
+    started = time.monotonic()
+    try:
+        args = _build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+            stream=sys.stderr,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+        output = _run(args)
+    except (UsageError, ValueError, ModelLoadError) as error:
+        print(f"budgetpress: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RuntimeError as error:
+        logging.getLogger(__name__).debug("search failed", exc_info=True)
+        print(f"budgetpress: failed: {_one_line(error)}", file=sys.stderr)
+        return EXIT_FAILED
+    if getattr(args, "json", False):
+        print(json.dumps({**output, "seconds": round(time.monotonic() - started, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""TPE through Optuna, and the uniform baseline."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from budgetpress.search._base import Outcome, Strategy
+from budgetpress.search._budget import CostedSpace, fit_to_budget
+from budgetpress.search._ledger import Ledger
+from budgetpress.space import Plan
+
+
+def _rng_for(seed: int, *parts: object) -> np.random.Generator:
+    """A generator derived from the seed and a context, so a re-run repairs the same way."""
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "big"))
+
+
+class TPEStrategy(Strategy):
+    """Optuna's TPE over one categorical choice per group; asks are repaired onto the budget.
+
+    The study's sampler must be a seeded TPESampler. ``initial_plans`` (e.g. the best uniform
+    plan) are enqueued as the first trials, so TPE starts from a known-good point.
+    """
+
+    name = "tpe"
+
+    def __init__(
+        self, *, ledger: Ledger, costed: CostedSpace, budget_bytes: int, seed: int, initial_plans: Sequence[Plan] = ()
+    ) -> None:
+        self._ledger = ledger
+        self._costed = costed
+        self._budget = budget_bytes
+        self._seed = seed
+        for plan in initial_plans:
+            choices = costed.space.choices_of(plan)
+            ledger.study.enqueue_trial({g: ledger.labels(g)[i] for g, i in choices.items()})
+
+    def ask(self, n: int) -> list[Plan]:
+        plans = []
+        for _ in range(n):
+            trial = self._ledger.study.ask()
+            choices = {}
+            for group in self._costed.groups:
+                label = trial.suggest_categorical(group, self._ledger.labels(group))
+                choices[group] = self._ledger.labels(group).index(label)
+            if self._costed.bytes_of(choices) > self._budget:
+                choices = fit_to_budget(self._costed, choices, self._budget, _rng_for(self._seed, trial.number))
+                trial.set_user_attr("repaired", True)
+            plan = self._costed.space.plan_from_choices(choices)
+            self._ledger.adopt(trial, plan)
+            plans.append(plan)
+        return plans
+
+    def tell(self, plan: Plan, outcome: Outcome) -> None:
+        # The ledger tells the study, which is all TPE learns from.
+        return None
+
+
+class UniformStrategy(Strategy):
+    """Every unit at the same setting: each uniform plan that fits, dearest (best-quality) first."""
+
+    name = "uniform"
+
+    def __init__(self, *, costed: CostedSpace, budget_bytes: int) -> None:
+        fitting = [
+            p for p in costed.space.uniform_plans() if costed.bytes_of(costed.space.choices_of(p)) <= budget_bytes
+        ]
+        fitting.sort(key=lambda p: -costed.bytes_of(costed.space.choices_of(p)))
+        self._queue = fitting
+        self.best: tuple[Plan, float] | None = None
+
+    def ask(self, n: int) -> list[Plan]:
+        asked, self._queue = self._queue[:n], self._queue[n:]
+        return asked
+
+    def tell(self, plan: Plan, outcome: Outcome) -> None:
+        fitness = outcome.fitness
+        if fitness is not None and (self.best is None or fitness < self.best[1]):
+            self.best = (plan, fitness)

@@ -1,0 +1,22 @@
+"""Fixtures shared across packages: a micro built-in model trained once per session, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+POSTGRES_URL = os.environ.get("BUDGETPRESS_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The micro preset of the built-in recipe, trained here in seconds: a real byte-level Llama."""
+    from budgetpress.evaluators import train_builtin
+
+    out = tmp_path_factory.mktemp("micro")
+    train_builtin(preset="micro", out_dir=out)
+    return out

@@ -1,0 +1,131 @@
+"""The contract every strategy keeps, run against each one through the real controller and study."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optuna
+import pytest
+
+from budgetpress.search import (
+    MEMORY_CONSTRAINT,
+    Controller,
+    CostedSpace,
+    Ledger,
+    Strategy,
+    TPEStrategy,
+    UniformStrategy,
+    best_plan,
+    open_study,
+)
+from budgetpress.space import plan_bytes
+
+from .conftest import SyntheticEvaluator, synthetic_kl
+
+StrategyFactory = Callable[[Ledger, CostedSpace, int, int], Strategy]
+
+
+def _tpe(ledger: Ledger, costed: CostedSpace, budget: int, seed: int) -> Strategy:
+    return TPEStrategy(ledger=ledger, costed=costed, budget_bytes=budget, seed=seed)
+
+
+def _uniform(ledger: Ledger, costed: CostedSpace, budget: int, seed: int) -> Strategy:
+    return UniformStrategy(costed=costed, budget_bytes=budget)
+
+
+FACTORIES = {"tpe": _tpe, "uniform": _uniform}
+
+
+def _run(
+    name: str,
+    costed: CostedSpace,
+    *,
+    seed: int = 0,
+    n_trials: int = 16,
+    fraction: float = 0.35,
+    evaluator: SyntheticEvaluator | None = None,
+    batch_size: int = 2,
+) -> tuple[optuna.Study, SyntheticEvaluator]:
+    evaluator = evaluator or SyntheticEvaluator()
+    study = open_study(storage="sqlite:///:memory:", name=f"{name}-{seed}", seed=seed, strategy=name)
+    budget = int(costed.dense_bytes * fraction)
+    ledger = Ledger(study=study, space=costed.space, budget_bytes=budget)
+    strategy = FACTORIES[name](ledger, costed, budget, seed)
+    Controller(
+        strategy=strategy,
+        ledger=ledger,
+        profile=costed.space.profile,
+        workload=costed.workload,
+        evaluate=evaluator,
+        batch_size=batch_size,
+    ).run(n_trials)
+    return study, evaluator
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_never_dispatches_a_plan_over_budget(name: str, costed: CostedSpace) -> None:
+    study, evaluator = _run(name, costed)
+    budget = study.trials[0].user_attrs["budget_bytes"]
+    assert evaluator.seen
+    for plan in evaluator.seen:
+        assert plan_bytes(costed.space.profile, plan, costed.workload) <= budget
+    for trial in study.trials:
+        assert trial.constraints[MEMORY_CONSTRAINT] <= 0
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_same_seed_same_plans(name: str, costed: CostedSpace) -> None:
+    _, first = _run(name, costed, seed=7)
+    _, second = _run(name, costed, seed=7)
+    assert [p.key for p in first.seen] == [p.key for p in second.seen]
+
+
+def test_different_seeds_explore_differently(costed: CostedSpace) -> None:
+    _, first = _run("tpe", costed, seed=1)
+    _, second = _run("tpe", costed, seed=2)
+    assert [p.key for p in first.seen] != [p.key for p in second.seen]
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_survives_failed_and_nan_evaluations(name: str, costed: CostedSpace) -> None:
+    study, _ = _run(name, costed, evaluator=SyntheticEvaluator(fail_every=3, nan_every=4), fraction=0.6)
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.FAIL in states
+    assert optuna.trial.TrialState.COMPLETE in states
+    for trial in study.trials:
+        if trial.state == optuna.trial.TrialState.FAIL:
+            assert trial.user_attrs["fail_reason"]
+
+
+def test_stops_at_its_trial_count(costed: CostedSpace) -> None:
+    study, evaluator = _run("tpe", costed, n_trials=11, batch_size=4)
+    assert len(study.trials) == 11 == evaluator.calls
+
+
+def test_uniform_stops_when_exhausted(costed: CostedSpace) -> None:
+    study, evaluator = _run("uniform", costed, n_trials=50, fraction=1.0)
+    assert len(study.trials) == len(costed.space.uniform_plans()) == evaluator.calls
+
+
+def test_every_trial_records_its_plan(costed: CostedSpace) -> None:
+    study, _ = _run("tpe", costed, n_trials=6)
+    for trial in study.trials:
+        attrs = trial.user_attrs
+        assert {"plan_json", "plan_key", "memory_bytes", "budget_bytes", "kl", "ppl", "strategy"} <= set(attrs)
+        assert set(trial.params) == {g for g, _ in costed.space.groups()}
+    plan, trial = best_plan(study)
+    assert plan.key == trial.user_attrs["plan_key"]
+    assert synthetic_kl(plan) == pytest.approx(trial.value)
+
+
+def test_tpe_beats_uniform_on_a_sensitivity_skewed_objective(costed: CostedSpace) -> None:
+    uniform, _ = _run("uniform", costed, n_trials=10)
+    tpe, _ = _run("tpe", costed, n_trials=60, batch_size=1)
+    assert tpe.best_value < uniform.best_value
+
+
+def test_existing_study_name_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    open_study(storage=storage, name="s", seed=0, strategy="tpe")
+    with pytest.raises(ValueError, match="already exists"):
+        open_study(storage=storage, name="s", seed=0, strategy="tpe")

@@ -1,0 +1,108 @@
+"""Whole searches through real Ray workers, recorded in SQLite and PostgreSQL; no workers left after."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from budgetpress.space import Budget, Plan, Workload
+from budgetpress.workers import SearchRequest, run_search
+
+from ..conftest import POSTGRES_URL
+
+
+def _request(model_dir: Path, storage: str, seed: int = 3) -> SearchRequest:
+    return SearchRequest(
+        model=str(model_dir),
+        budget=Budget.parse("60%"),
+        workload=Workload(context=128),
+        strategy="tpe",
+        n_trials=6,
+        storage=storage,
+        study_name=f"test-{uuid.uuid4().hex[:8]}",
+        n_workers=2,
+        seed=seed,
+        seq_len=128,
+        calibration_sequences=4,
+        evaluation_sequences=4,
+    )
+
+
+def _check_study(storage: str, name: str, n_trials: int, budget_bytes: int) -> None:
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert len(study.trials) == n_trials
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.user_attrs["memory_bytes"] <= budget_bytes
+        assert Plan.from_json(trial.user_attrs["plan_json"]).key == trial.user_attrs["plan_key"]
+    assert study.user_attrs["report"]["n_trials"] == n_trials
+
+
+def test_search_is_recorded_and_reproducible(tmp_path: Path, micro_model_dir: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    first = run_search(_request(micro_model_dir, storage))
+    second = run_search(_request(micro_model_dir, storage))
+    _check_study(storage, first.request.study_name, 6, first.budget_bytes)
+    assert first.best.memory_bytes <= first.budget_bytes
+    assert first.best.plan.key == second.best.plan.key
+    assert first.best.kl == second.best.kl
+    assert first.best.kl <= first.uniform.kl
+
+
+def _postgres_reachable() -> bool:
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(POSTGRES_URL).connect():
+            return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _postgres_reachable() and not os.environ.get("CI"), reason="no PostgreSQL on 127.0.0.1:5432")
+def test_search_recorded_in_postgresql(micro_model_dir: Path) -> None:
+    report = run_search(_request(micro_model_dir, POSTGRES_URL, seed=4))
+    _check_study(POSTGRES_URL, report.request.study_name, 6, report.budget_bytes)
+    optuna.delete_study(study_name=report.request.study_name, storage=POSTGRES_URL)
+
+
+_POOL_SCRIPT = """
+import json, sys
+from budgetpress.space import Workload
+from budgetpress.workers import WorkerPool, WorkerSpec
+spec = WorkerSpec(model=sys.argv[1], workload=Workload(context=128), seq_len=128,
+                  calibration_sequences=2, evaluation_sequences=2)
+pool = WorkerPool(spec, n_workers=2)
+print(json.dumps(pool.worker_pids()))
+pool.close()
+"""
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "zombie" not in status.read_text().lower()
+
+
+def test_no_worker_processes_left_after_close(micro_model_dir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _POOL_SCRIPT, str(micro_model_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    pids = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(set(pids)) == 2
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)

@@ -1,0 +1,25 @@
+"""Ray workers that hold a model and evaluate plans, the pool that dispatches, and the search job."""
+
+from budgetpress.workers._job import (
+    PlanReport,
+    Progress,
+    SearchReport,
+    SearchRequest,
+    check_request,
+    run_search,
+)
+from budgetpress.workers._pool import RAY_AUTH_MODE, EvaluatorActor, WorkerPool, WorkerSpec, start_ray
+
+__all__ = [
+    "RAY_AUTH_MODE",
+    "EvaluatorActor",
+    "PlanReport",
+    "Progress",
+    "SearchReport",
+    "SearchRequest",
+    "WorkerPool",
+    "WorkerSpec",
+    "check_request",
+    "run_search",
+    "start_ray",
+]
