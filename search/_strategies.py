@@ -19,25 +19,50 @@ def _rng_for(seed: int, *parts: object) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "big"))
 
 
+def _distinct(choice_maps: Sequence[dict[str, int]]) -> list[dict[str, int]]:
+    seen: set[tuple[tuple[str, int], ...]] = set()
+    kept = []
+    for choices in choice_maps:
+        frozen = tuple(sorted(choices.items()))
+        if frozen not in seen:
+            seen.add(frozen)
+            kept.append(choices)
+    return kept
+
+
 class TPEStrategy(Strategy):
     """Optuna's TPE over one categorical choice per group; asks are repaired onto the budget.
 
-    The study's sampler must be a seeded TPESampler. ``initial_plans`` (e.g. the best uniform
-    plan) are enqueued as the first trials, so TPE starts from a known-good point.
+    The study's sampler must be a seeded TPESampler. Each of ``initial_plans`` (e.g. the best
+    uniform plan) is enqueued as a first trial together with ``fills_per_plan`` variants of it
+    that spend the budget it leaves unused on random upgrades: a uniform plan rarely lands on the
+    budget, and TPE's random start-up trials alone seldom find the few good plans among many.
     """
 
     name = "tpe"
 
     def __init__(
-        self, *, ledger: Ledger, costed: CostedSpace, budget_bytes: int, seed: int, initial_plans: Sequence[Plan] = ()
+        self,
+        *,
+        ledger: Ledger,
+        costed: CostedSpace,
+        budget_bytes: int,
+        seed: int,
+        initial_plans: Sequence[Plan] = (),
+        fills_per_plan: int = 3,
     ) -> None:
         self._ledger = ledger
         self._costed = costed
         self._budget = budget_bytes
         self._seed = seed
-        for plan in initial_plans:
+        for index, plan in enumerate(initial_plans):
             choices = costed.space.choices_of(plan)
-            ledger.study.enqueue_trial({g: ledger.labels(g)[i] for g, i in choices.items()})
+            starts = [choices] + [
+                fit_to_budget(costed, choices, budget_bytes, _rng_for(seed, "fill", index, fill))
+                for fill in range(fills_per_plan)
+            ]
+            for start in _distinct(starts):
+                ledger.study.enqueue_trial({g: ledger.labels(g)[i] for g, i in start.items()})
 
     def ask(self, n: int) -> list[Plan]:
         plans = []

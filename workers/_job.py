@@ -125,7 +125,10 @@ def check_request(request: SearchRequest) -> tuple[SearchSpace, CostedSpace, int
 
 
 def _spec(request: SearchRequest) -> WorkerSpec:
+    # A local model must never make workers reach for the hub (transformers retries for ~50 s).
+    local = resolve_model(request.model).local_dir is not None
     return WorkerSpec(
+        env={"HF_HUB_OFFLINE": "1"} if local else {},
         model=request.model,
         workload=request.workload,
         method=request.method,

@@ -37,7 +37,7 @@ class WorkerSpec:
     seed: int = 0
     text_files: tuple[str, ...] = ()
     threads: int = 1
-    env: dict[str, str] = field(default_factory=lambda: {"HF_HUB_OFFLINE": "1"})
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @ray.remote

@@ -39,7 +39,8 @@ def _bad(argv: list[str], capsys: pytest.CaptureFixture[str], fragment: str) -> 
 def test_malformed_budget(
     budget: str, fragment: str, capsys: pytest.CaptureFixture[str], micro_model_dir: Path
 ) -> None:
-    _bad(["search", "--model", str(micro_model_dir), "--budget", budget], capsys, fragment)
+    # the = form, as a user must write it for a value that starts with '-'
+    _bad(["search", "--model", str(micro_model_dir), f"--budget={budget}"], capsys, fragment)
 
 
 def test_budget_below_smallest_plan(capsys: pytest.CaptureFixture[str], micro_model_dir: Path) -> None:

@@ -78,3 +78,13 @@ def test_micro_model_loads_with_plain_transformers(micro_model_dir: Path) -> Non
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), 256)
+
+
+def test_default_workload_kv_share_is_like_a_real_model() -> None:
+    from budgetpress.evaluators import profile_source, resolve_model
+    from budgetpress.space import Plan, Workload, dense_bytes, plan_memory
+
+    profile = profile_source(resolve_model("builtin"))
+    memory = plan_memory(profile, Plan({}), Workload())
+    assert memory.total == dense_bytes(profile, Workload())
+    assert 0.05 <= memory.kv_bytes / memory.total <= 0.15
