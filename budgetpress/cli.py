@@ -206,8 +206,7 @@ def _cmd_info(args: argparse.Namespace) -> dict[str, Any]:
         "n_linear_units": len(profile.linear_units),
         "dense_bytes_default_workload": dense_bytes(profile, Workload()),
     }
-    assert source.local_dir is not None
-    if (source.local_dir / "manifest.json").is_file():
+    if source.local_dir is not None and (source.local_dir / "manifest.json").is_file():
         manifest = read_manifest(source.local_dir)
         info.update(
             heldout_bits_per_byte=manifest["heldout_bits_per_byte"],

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import optuna
+import sqlalchemy.exc
 
 from budgetpress.search._base import Outcome, Strategy
 from budgetpress.search._ledger import Ledger
@@ -96,6 +97,11 @@ def open_study(*, storage: str, name: str, seed: int, strategy: str) -> optuna.S
         return optuna.create_study(storage=storage, study_name=name, sampler=sampler, direction="minimize")
     except optuna.exceptions.DuplicatedStudyError as error:
         raise ValueError(f"study {name!r} already exists in {storage}; choose another --study name") from error
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError, ModuleNotFoundError) as error:
+        raise ValueError(
+            f"cannot open storage {storage!r}: {error}; give a database URL such as "
+            "sqlite:///budgetpress.db or postgresql+psycopg://user@host:5432/db"
+        ) from error
 
 
 def best_plan(study: optuna.Study) -> tuple[Plan, optuna.trial.FrozenTrial]:

@@ -64,6 +64,8 @@ def test_pickle_only_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], m
         (["--trials", "0"], "trials"),
         (["--workers", "0"], "workers"),
         (["--strategy", "magic"], "magic"),
+        (["--storage", "nosuchdb://x"], "cannot open storage"),
+        (["--storage", "sqlite:////nonexistent-dir/x.db"], "cannot open storage"),
         (["--trials", "many"], "many"),
         (["--text", "/nonexistent.txt"], "nonexistent"),
     ],
