@@ -1,5 +1,6 @@
 """Model loading and inspection, token sets, compression methods and plan evaluation."""
 
+from budgetpress.evaluators._assembly import apply_plan_
 from budgetpress.evaluators._builtin import BUILTIN_DIR, PRESETS, Recipe, read_manifest, train_builtin
 from budgetpress.evaluators._data import TokenSets, TokenSpec, byte_encoder, check_text_files, make_token_sets
 from budgetpress.evaluators._evaluator import WEIGHT_METHODS, PlanEvaluator, kl_and_ppl, next_token_log_probs
@@ -27,6 +28,7 @@ __all__ = [
     "Recipe",
     "TokenSets",
     "TokenSpec",
+    "apply_plan_",
     "byte_encoder",
     "check_text_files",
     "encoder_for",

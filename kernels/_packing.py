@@ -1,0 +1,56 @@
+"""Bit-packing of integer codes, row by row, into 32-bit words: the layout ``space/_memory.py`` counts.
+
+Code ``j`` of a row occupies bits ``[j*bits, (j+1)*bits)`` of that row's bit stream, least
+significant bit first; the stream fills int32 words from their least significant bit, so a 3-bit
+code may straddle two words and nothing is padded to 4 bits. A row of ``n`` codes takes
+``ceil(n*bits/32)`` words.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PACKABLE_BITS = (2, 3, 4, 8)
+WORD_BITS = 32
+
+
+def words_per_row(n_codes: int, bits: int) -> int:
+    return -(-n_codes * bits // WORD_BITS)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"packed bits must be one of {', '.join(map(str, PACKABLE_BITS))}; got {bits}")
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes [rows, n] (each < 2**bits) into int32 words [rows, ceil(n*bits/32)]."""
+    _check_bits(bits)
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be a 2-D [rows, n] tensor; got shape {tuple(codes.shape)}")
+    wide = codes.to(torch.int64)
+    if wide.numel() and (int(wide.min()) < 0 or int(wide.max()) >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits - 1}] for {bits}-bit packing")
+    rows, n = wide.shape
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = ((wide.unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)
+    n_words = words_per_row(n, bits)
+    padded = torch.zeros(rows, n_words * WORD_BITS, dtype=torch.int64)
+    padded[:, : n * bits] = stream
+    weights = torch.bitwise_left_shift(torch.ones(WORD_BITS, dtype=torch.int64), torch.arange(WORD_BITS))
+    unsigned = (padded.view(rows, n_words, WORD_BITS) * weights).sum(-1)
+    # Reinterpret the unsigned 32-bit value as the int32 with the same bits.
+    return torch.where(unsigned >= 2**31, unsigned - 2**32, unsigned).to(torch.int32)
+
+
+def unpack_rows(words: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
+    """Inverse of ``pack_rows``: int32 words [rows, w] → uint8 codes [rows, n_codes]."""
+    _check_bits(bits)
+    rows, n_words = words.shape
+    if n_words != words_per_row(n_codes, bits):
+        raise ValueError(f"{n_codes} codes of {bits} bits need {words_per_row(n_codes, bits)} words; got {n_words}")
+    unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    stream = (unsigned.unsqueeze(-1) >> torch.arange(WORD_BITS, dtype=torch.int64)) & 1
+    code_bits = stream.reshape(rows, n_words * WORD_BITS)[:, : n_codes * bits].reshape(rows, n_codes, bits)
+    weights = torch.bitwise_left_shift(torch.ones(bits, dtype=torch.int64), torch.arange(bits))
+    return (code_bits * weights).sum(-1).to(torch.uint8)
