@@ -2,8 +2,10 @@
 
 from budgetpress.evaluators._assembly import apply_plan_
 from budgetpress.evaluators._builtin import BUILTIN_DIR, PRESETS, Recipe, read_manifest, train_builtin
+from budgetpress.evaluators._calibration import InputStats, InputStatsAccumulator, collect_input_stats
 from budgetpress.evaluators._data import TokenSets, TokenSpec, byte_encoder, check_text_files, make_token_sets
 from budgetpress.evaluators._evaluator import WEIGHT_METHODS, PlanEvaluator, kl_and_ppl, next_token_log_probs
+from budgetpress.evaluators._gptq import gptq_quantize
 from budgetpress.evaluators._inspect import profile_model
 from budgetpress.evaluators._loading import (
     BUILTIN_NAME,
@@ -12,8 +14,10 @@ from budgetpress.evaluators._loading import (
     load_model,
     resolve_model,
 )
+from budgetpress.evaluators._low_rank import LowRankWeight, svd_llm_low_rank, svd_low_rank
 from budgetpress.evaluators._rtn import QuantizedWeight, rtn_quantize
 from budgetpress.evaluators._session import EvaluationSession, encoder_for, open_session, profile_source
+from budgetpress.evaluators._sparsity import PrunedWeight, prune_magnitude, prune_sparsegpt, prune_wanda
 
 __all__ = [
     "BUILTIN_DIR",
@@ -21,9 +25,13 @@ __all__ = [
     "PRESETS",
     "WEIGHT_METHODS",
     "EvaluationSession",
+    "InputStats",
+    "InputStatsAccumulator",
+    "LowRankWeight",
     "ModelLoadError",
     "ModelSource",
     "PlanEvaluator",
+    "PrunedWeight",
     "QuantizedWeight",
     "Recipe",
     "TokenSets",
@@ -31,7 +39,9 @@ __all__ = [
     "apply_plan_",
     "byte_encoder",
     "check_text_files",
+    "collect_input_stats",
     "encoder_for",
+    "gptq_quantize",
     "kl_and_ppl",
     "load_model",
     "make_token_sets",
@@ -39,8 +49,13 @@ __all__ = [
     "open_session",
     "profile_model",
     "profile_source",
+    "prune_magnitude",
+    "prune_sparsegpt",
+    "prune_wanda",
     "read_manifest",
     "resolve_model",
     "rtn_quantize",
+    "svd_llm_low_rank",
+    "svd_low_rank",
     "train_builtin",
 ]

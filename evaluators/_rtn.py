@@ -20,11 +20,29 @@ class QuantizedWeight:
         out_features, in_features = self.codes.shape
         n_groups = self.scales.shape[1]
         padded = n_groups * self.group_size
-        codes = torch.zeros(out_features, padded, dtype=torch.float32)
+        codes = torch.zeros(out_features, padded, dtype=torch.float32, device=self.codes.device)
         codes[:, :in_features] = self.codes.float()
         grouped = codes.view(out_features, n_groups, self.group_size)
         weight = (grouped - self.zeros.float().unsqueeze(-1)) * self.scales.float().unsqueeze(-1)
         return weight.reshape(out_features, padded)[:, :in_features]
+
+
+# The smallest positive fp16: an all-zero group (common once a weight is pruned) must keep a
+# non-zero scale to divide by.
+_FP16_TINY = 2.0**-24
+
+
+def grid_params(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16-representable, as float32) and integer zero point of each row of ``values`` [..., n].
+
+    The grid always spans 0, so the zero point is an integer code and zeros are exact.
+    """
+    max_code = 2**bits - 1
+    low = values.amin(dim=-1).clamp(max=0.0)
+    high = values.amax(dim=-1).clamp(min=0.0)
+    scales = ((high - low) / max_code).half().float().clamp(min=_FP16_TINY)
+    zeros = torch.round(-low / scales).clamp(0, max_code)
+    return scales, zeros
 
 
 def rtn_quantize(weight: torch.Tensor, *, bits: int, group_size: int | None) -> QuantizedWeight:
@@ -38,18 +56,12 @@ def rtn_quantize(weight: torch.Tensor, *, bits: int, group_size: int | None) -> 
     out_features, in_features = weight.shape
     size = in_features if group_size is None else group_size
     n_groups = -(-in_features // size)
-    padded = torch.zeros(out_features, n_groups * size, dtype=torch.float32)
-    padded[:, :in_features] = weight.float()
-    # Padding columns repeat the row's first value so they never widen a group's range.
-    if n_groups * size > in_features:
-        padded[:, in_features:] = weight[:, :1].float()
+    # Zero padding never widens a group's range: every grid spans 0 anyway.
+    padded = torch.zeros(out_features, n_groups * size, dtype=torch.float32, device=weight.device)
+    padded[:, :in_features] = weight.detach().float()
     grouped = padded.view(out_features, n_groups, size)
-    low = grouped.amin(dim=-1).clamp(max=0.0)
-    high = grouped.amax(dim=-1).clamp(min=0.0)
-    max_code = 2**bits - 1
-    scales = ((high - low) / max_code).clamp(min=1e-8).half().float()
-    zeros = torch.round(-low / scales).clamp(0, max_code)
-    codes = torch.round(grouped / scales.unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, max_code)
+    scales, zeros = grid_params(grouped, bits)
+    codes = torch.round(grouped / scales.unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, 2**bits - 1)
     return QuantizedWeight(
         codes=codes.reshape(out_features, -1)[:, :in_features].to(torch.uint8).contiguous(),
         scales=scales.half(),

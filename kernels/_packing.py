@@ -32,12 +32,13 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if wide.numel() and (int(wide.min()) < 0 or int(wide.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits - 1}] for {bits}-bit packing")
     rows, n = wide.shape
-    shifts = torch.arange(bits, dtype=torch.int64)
+    device = codes.device
+    shifts = torch.arange(bits, dtype=torch.int64, device=device)
     stream = ((wide.unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)
     n_words = words_per_row(n, bits)
-    padded = torch.zeros(rows, n_words * WORD_BITS, dtype=torch.int64)
+    padded = torch.zeros(rows, n_words * WORD_BITS, dtype=torch.int64, device=device)
     padded[:, : n * bits] = stream
-    weights = torch.bitwise_left_shift(torch.ones(WORD_BITS, dtype=torch.int64), torch.arange(WORD_BITS))
+    weights = _powers_of_two(WORD_BITS, device)
     unsigned = (padded.view(rows, n_words, WORD_BITS) * weights).sum(-1)
     # Reinterpret the unsigned 32-bit value as the int32 with the same bits.
     return torch.where(unsigned >= 2**31, unsigned - 2**32, unsigned).to(torch.int32)
@@ -50,7 +51,10 @@ def unpack_rows(words: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     if n_words != words_per_row(n_codes, bits):
         raise ValueError(f"{n_codes} codes of {bits} bits need {words_per_row(n_codes, bits)} words; got {n_words}")
     unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    stream = (unsigned.unsqueeze(-1) >> torch.arange(WORD_BITS, dtype=torch.int64)) & 1
+    stream = (unsigned.unsqueeze(-1) >> torch.arange(WORD_BITS, dtype=torch.int64, device=words.device)) & 1
     code_bits = stream.reshape(rows, n_words * WORD_BITS)[:, : n_codes * bits].reshape(rows, n_codes, bits)
-    weights = torch.bitwise_left_shift(torch.ones(bits, dtype=torch.int64), torch.arange(bits))
-    return (code_bits * weights).sum(-1).to(torch.uint8)
+    return (code_bits * _powers_of_two(bits, words.device)).sum(-1).to(torch.uint8)
+
+
+def _powers_of_two(n: int, device: torch.device) -> torch.Tensor:
+    return torch.bitwise_left_shift(torch.ones(n, dtype=torch.int64, device=device), torch.arange(n, device=device))
