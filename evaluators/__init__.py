@@ -15,6 +15,16 @@ from budgetpress.evaluators._loading import (
     resolve_model,
 )
 from budgetpress.evaluators._low_rank import LowRankWeight, svd_llm_low_rank, svd_low_rank
+from budgetpress.evaluators._methods import (
+    BitsMethod,
+    Methods,
+    RankMethod,
+    SparsityMethod,
+    Variant,
+    compress_weight,
+    pack_variant,
+    variant_weight,
+)
 from budgetpress.evaluators._rtn import QuantizedWeight, rtn_quantize
 from budgetpress.evaluators._session import EvaluationSession, encoder_for, open_session, profile_source
 from budgetpress.evaluators._sparsity import PrunedWeight, prune_magnitude, prune_sparsegpt, prune_wanda
@@ -24,22 +34,28 @@ __all__ = [
     "BUILTIN_NAME",
     "PRESETS",
     "WEIGHT_METHODS",
+    "BitsMethod",
     "EvaluationSession",
     "InputStats",
     "InputStatsAccumulator",
     "LowRankWeight",
+    "Methods",
     "ModelLoadError",
     "ModelSource",
     "PlanEvaluator",
     "PrunedWeight",
     "QuantizedWeight",
+    "RankMethod",
     "Recipe",
+    "SparsityMethod",
     "TokenSets",
     "TokenSpec",
+    "Variant",
     "apply_plan_",
     "byte_encoder",
     "check_text_files",
     "collect_input_stats",
+    "compress_weight",
     "encoder_for",
     "gptq_quantize",
     "kl_and_ppl",
@@ -47,6 +63,7 @@ __all__ = [
     "make_token_sets",
     "next_token_log_probs",
     "open_session",
+    "pack_variant",
     "profile_model",
     "profile_source",
     "prune_magnitude",
@@ -58,4 +75,5 @@ __all__ = [
     "svd_llm_low_rank",
     "svd_low_rank",
     "train_builtin",
+    "variant_weight",
 ]

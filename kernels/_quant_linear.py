@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from budgetpress.kernels._backend import Backend, backend_for
 from budgetpress.kernels._packing import pack_rows, unpack_rows
 
 
@@ -17,7 +18,7 @@ def dequantize_packed(
 ) -> torch.Tensor:
     """The float32 weight [out, in] that packed codes, scales and zero points stand for."""
     codes = unpack_rows(qweight, bits, in_features).float()
-    columns_group = torch.arange(in_features) // group_size
+    columns_group = torch.arange(in_features, device=qweight.device) // group_size
     return (codes - zeros.float()[:, columns_group]) * scales.float()[:, columns_group]
 
 
@@ -113,7 +114,13 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear_reference(
+        op = quant_linear_reference
+        if backend_for(x.device) is Backend.TRITON:
+            # Imported here: the Triton path loads its kernels (and Triton) on first use only.
+            from budgetpress.kernels._triton_quant import quant_linear_triton
+
+            op = quant_linear_triton
+        return op(
             x,
             self.qweight,
             self.scales,
