@@ -27,12 +27,19 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     # Must precede the import of any kernel module (they define @triton.jit functions).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# This file's name would shadow the `kernels` package that transformers probes for, so its folder
+# leaves the import path; the case definitions live in _support/.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE / "_support"))
 
 from kernel_cases import CASE_BUILDERS, Case  # noqa: E402
 

@@ -8,6 +8,8 @@ code may straddle two words and nothing is padded to 4 bits. A row of ``n`` code
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PACKABLE_BITS = (2, 3, 4, 8)
@@ -47,13 +49,35 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_rows(words: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     """Inverse of ``pack_rows``: int32 words [rows, w] → uint8 codes [rows, n_codes]."""
     _check_bits(bits)
-    rows, n_words = words.shape
+    n_words = words.shape[1]
     if n_words != words_per_row(n_codes, bits):
         raise ValueError(f"{n_codes} codes of {bits} bits need {words_per_row(n_codes, bits)} words; got {n_words}")
-    unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    stream = (unsigned.unsqueeze(-1) >> torch.arange(WORD_BITS, dtype=torch.int64, device=words.device)) & 1
-    code_bits = stream.reshape(rows, n_words * WORD_BITS)[:, : n_codes * bits].reshape(rows, n_codes, bits)
-    return (code_bits * _powers_of_two(bits, words.device)).sum(-1).to(torch.uint8)
+    if WORD_BITS % bits == 0:
+        return _unpack_aligned(words, bits, n_codes)
+    return _unpack_straddling(words, bits, n_codes)
+
+
+def _unpack_aligned(words: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
+    # 2, 4 and 8 bits never straddle a word: shift each word once per code it holds.
+    shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int32, device=words.device)
+    codes = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return codes.reshape(words.shape[0], -1)[:, :n_codes].to(torch.uint8)
+
+
+def _unpack_straddling(words: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
+    # A code may span two words, but the layout repeats every lcm(bits, 32) bits (3 words hold 32
+    # 3-bit codes): read each code's word and the next within one period as a 64-bit value.
+    rows, n_words = words.shape
+    period_bits = math.lcm(bits, WORD_BITS)
+    period_words, period_codes = period_bits // WORD_BITS, period_bits // bits
+    n_periods = -(-n_words // period_words)
+    unsigned = torch.nn.functional.pad(words.to(torch.int64) & 0xFFFFFFFF, (0, n_periods * period_words - n_words))
+    periods = torch.nn.functional.pad(unsigned.view(rows, n_periods, period_words), (0, 1))
+    offsets = torch.arange(period_codes, dtype=torch.int64, device=words.device) * bits
+    index = offsets // WORD_BITS
+    pair = periods[..., index] | (periods[..., index + 1] << WORD_BITS)
+    codes = (pair >> (offsets % WORD_BITS)) & (2**bits - 1)
+    return codes.reshape(rows, -1)[:, :n_codes].to(torch.uint8)
 
 
 def _powers_of_two(n: int, device: torch.device) -> torch.Tensor:

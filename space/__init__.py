@@ -28,7 +28,7 @@ from ._settings import (
     Setting,
     SparsityPattern,
 )
-from ._space import Grouping, SearchSpace
+from ._space import Dimension, Grouping, SearchSpace, kv_choices_for, linear_choices_for, parse_dimensions
 from ._units import KVUnit, LinearUnit, Unit, UnitKind
 from ._workload import Workload
 
@@ -41,6 +41,7 @@ __all__ = [
     "WEIGHT_BITS",
     "Budget",
     "BudgetKind",
+    "Dimension",
     "EvictionPolicy",
     "Grouping",
     "KVSetting",
@@ -61,7 +62,10 @@ __all__ = [
     "dense_bytes",
     "effective_bits",
     "kv_bytes",
+    "kv_choices_for",
     "linear_bytes",
+    "linear_choices_for",
+    "parse_dimensions",
     "plan_bytes",
     "plan_memory",
 ]

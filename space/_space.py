@@ -10,11 +10,35 @@ from enum import StrEnum
 from ._check import coerce_enum, is_int
 from ._plan import Plan
 from ._profile import ModelProfile
-from ._settings import KVSetting, LinearSetting, Setting, SparsityPattern
+from ._settings import EvictionPolicy, KVSetting, LinearSetting, Setting, SparsityPattern
 from ._units import LinearUnit
 
 _DENSE_LINEAR = LinearSetting()
 _DENSE_KV = KVSetting()
+
+
+class Dimension(StrEnum):
+    """What a search may change: weight bits, sparsity, low rank, KV cache."""
+
+    BITS = "bits"
+    SPARSITY = "sparsity"
+    RANK = "rank"
+    KV = "kv"
+
+
+def parse_dimensions(text: str) -> frozenset[Dimension]:
+    """``"bits,sparsity,rank,kv"`` (any non-empty subset, any order) → the set of dimensions."""
+    names = [part.strip() for part in str(text).split(",") if part.strip()]
+    accepted = ", ".join(d.value for d in Dimension)
+    if not names:
+        raise ValueError(f"space must name at least one dimension of {accepted}; got {text!r}")
+    dims = set()
+    for name in names:
+        try:
+            dims.add(Dimension(name))
+        except ValueError:
+            raise ValueError(f"unknown space dimension {name!r}; accepted: {accepted}") from None
+    return frozenset(dims)
 
 
 class Grouping(StrEnum):
@@ -68,6 +92,26 @@ class SearchSpace:
         """Weight-only quantization at each of ``bits``; KV stays 16-bit."""
         choices = tuple(LinearSetting(bits=b, group_size=group_size) for b in bits)
         return cls(profile=profile, linear_choices=choices, grouping=grouping)
+
+    @classmethod
+    def for_dimensions(
+        cls,
+        profile: ModelProfile,
+        dimensions: frozenset[Dimension],
+        *,
+        context: int,
+        grouping: Grouping = Grouping.UNIT,
+    ) -> SearchSpace:
+        """The default choices of each dimension in ``dimensions`` (combined where they combine).
+
+        ``context`` (the workload's) sets the KV token budgets: half and a quarter of it.
+        """
+        return cls(
+            profile=profile,
+            linear_choices=linear_choices_for(profile, dimensions),
+            kv_choices=kv_choices_for(dimensions, context=context),
+            grouping=grouping,
+        )
 
     def groups(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """``(group name, member unit keys)``: linear groups first, then KV."""
@@ -181,3 +225,49 @@ def _group_linear(units: tuple[LinearUnit, ...], grouping: Grouping) -> tuple[tu
         for u in units:
             members.setdefault(f"role.{u.role}", []).append(u.key)
     return tuple((name, tuple(keys)) for name, keys in members.items())
+
+
+DEFAULT_GROUP = 128
+
+
+def _rank_choices(profile: ModelProfile) -> tuple[int, ...]:
+    """A quarter and an eighth of the narrowest unit's smaller side, in multiples of 8."""
+    narrowest = min(min(u.in_features, u.out_features) for u in profile.linear_units)
+    ranks = {max(8, narrowest // d // 8 * 8) for d in (4, 8)}
+    return tuple(sorted(r for r in ranks if r < narrowest))
+
+
+def linear_choices_for(profile: ModelProfile, dimensions: frozenset[Dimension]) -> tuple[LinearSetting, ...]:
+    """Dense first, then each dimension's settings; with bits, sparse and low-rank ones quantized too."""
+    bits = Dimension.BITS in dimensions
+    group = DEFAULT_GROUP if all(u.in_features % DEFAULT_GROUP == 0 for u in profile.linear_units) else None
+    choices = [_DENSE_LINEAR]
+    if bits:
+        choices += [LinearSetting(bits=b, group_size=group) for b in (2, 3, 4, 8)]
+    if Dimension.SPARSITY in dimensions:
+        unstructured = SparsityPattern.UNSTRUCTURED
+        choices += [LinearSetting(sparsity=s, pattern=unstructured) for s in (0.5, 0.7)]
+        semi = all(u.in_features % 4 == 0 for u in profile.linear_units)
+        if semi:
+            choices.append(LinearSetting(sparsity=0.5, pattern=SparsityPattern.SEMI_2_4))
+        if bits:
+            choices.append(LinearSetting(bits=4, group_size=group, sparsity=0.5, pattern=unstructured))
+            if semi:
+                choices.append(LinearSetting(bits=4, group_size=group, sparsity=0.5, pattern=SparsityPattern.SEMI_2_4))
+    if Dimension.RANK in dimensions:
+        for rank in _rank_choices(profile):
+            choices.append(LinearSetting(rank=rank))
+            if bits:
+                choices.append(LinearSetting(bits=8, group_size=group, rank=rank))
+    return tuple(choices)
+
+
+def kv_choices_for(dimensions: frozenset[Dimension], *, context: int) -> tuple[KVSetting, ...]:
+    """Dense only without the kv dimension; else bits 8/4/2 and SnapKV budgets of half and a quarter."""
+    if Dimension.KV not in dimensions:
+        return (_DENSE_KV,)
+    choices = [_DENSE_KV, KVSetting(bits=8), KVSetting(bits=4), KVSetting(bits=2)]
+    for kept, bits in ((context // 2, 16), (context // 2, 4), (context // 4, 4)):
+        if kept >= 1:
+            choices.append(KVSetting(bits=bits, kept_tokens=kept, policy=EvictionPolicy.SNAPKV))
+    return tuple(dict.fromkeys(choices))

@@ -20,6 +20,7 @@ from budgetpress.space import LinearSetting, LinearUnit, linear_bytes
 # (out, in, rank): odd ranks, a rank just past a group of 32, a rank above in (still valid).
 SHAPES = [(37, 100, 5), (24, 160, 33), (20, 48, 64)]
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(
     not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="Triton kernels need a GPU or TRITON_INTERPRET=1",
@@ -103,8 +104,8 @@ def test_bf16_inputs_stay_bf16() -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("rows", [3, 20])
 def test_triton_path_equals_reference(monkeypatch: pytest.MonkeyPatch, bits: int, rows: int) -> None:
-    layer = _layer(24, 160, 33, bits=bits, group_size=32, bias=True)
-    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
+    layer = _layer(24, 160, 33, bits=bits, group_size=32, bias=True).to(DEVICE)
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
     reference = low_rank_linear_reference(x, down=layer.down, up=layer.up, bias=layer.bias)
     triton_out = low_rank_linear_triton(x, down=layer.down, up=layer.up, bias=layer.bias)
     scale = float(reference.abs().max())

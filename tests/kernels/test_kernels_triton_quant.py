@@ -34,6 +34,8 @@ pytestmark = pytest.mark.skipif(
 BITS = [2, 3, 4, 8]
 GROUPS = [32, 64, None]
 SHAPES = [(37, 100), (24, 160)]  # (out, in): 100 is no multiple of 32 or 64; 160 = 2.5 groups of 64
+# Kernels run on the GPU where there is one, else in the interpreter on CPU tensors.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _module(out_features: int, in_features: int, *, bits: int, group_size: int | None, bias: bool) -> QuantLinear:
@@ -41,7 +43,7 @@ def _module(out_features: int, in_features: int, *, bits: int, group_size: int |
     weight = torch.randn(out_features, in_features, generator=generator)
     q = rtn_quantize(weight, bits=bits, group_size=group_size)
     b = torch.randn(out_features, generator=generator) if bias else None
-    return QuantLinear.from_codes(q.codes, q.scales, q.zeros, bits=bits, group_size=group_size, bias=b)
+    return QuantLinear.from_codes(q.codes, q.scales, q.zeros, bits=bits, group_size=group_size, bias=b).to(DEVICE)
 
 
 def _call(op: object, module: QuantLinear, x: torch.Tensor, **extra: object) -> torch.Tensor:
@@ -62,7 +64,7 @@ def _call(op: object, module: QuantLinear, x: torch.Tensor, **extra: object) -> 
 
 
 def _x(rows: int, in_features: int, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.randn(rows, in_features, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return torch.randn(rows, in_features, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
 
 
 def _assert_close_to(actual: torch.Tensor, expected: torch.Tensor, *, rel: float) -> None:
@@ -107,11 +109,12 @@ def test_unit_scales_reproduce_every_code_exactly(bits: int) -> None:
         qweight=pack_rows(codes, bits),
         scales=ones,
         zeros=torch.zeros(out_features, 1, dtype=torch.uint8),
-    )
-    eye = torch.eye(in_features)
+    ).to(DEVICE)
+    eye = torch.eye(in_features, device=DEVICE)
+    expected = codes.T.float().to(DEVICE)
     picked = [0, 10, 11, 21, 31, 32, 92]
-    assert torch.equal(_call(quant_gemv_triton, module, eye[picked]), codes.T[picked].float())
-    assert torch.equal(_call(quant_matmul_triton, module, eye), codes.T.float())
+    assert torch.equal(_call(quant_gemv_triton, module, eye[picked]), expected[picked])
+    assert torch.equal(_call(quant_matmul_triton, module, eye), expected)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -150,7 +153,7 @@ def test_half_precision_inputs_give_half_precision_outputs(dtype: torch.dtype, r
 @pytest.mark.parametrize("leading", [(2, 3), (2, 11)])
 def test_leading_dimensions_are_kept(leading: tuple[int, ...]) -> None:
     module = _module(24, 160, bits=3, group_size=64, bias=False)
-    x = torch.randn(*leading, 160, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(*leading, 160, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     actual = _call(quant_linear_triton, module, x)
     assert actual.shape == (*leading, 24)
     _assert_close_to(actual, _call(quant_linear_reference, module, x), rel=1e-4)
@@ -160,7 +163,7 @@ def test_matmul_path_takes_a_single_row_and_empty_input_gives_empty_output() -> 
     module = _module(24, 160, bits=8, group_size=None, bias=True)
     x = _x(1, 160)
     _assert_close_to(_call(quant_matmul_triton, module, x), _call(quant_linear_reference, module, x), rel=1e-4)
-    empty = torch.zeros(0, 160)
+    empty = torch.zeros(0, 160, device=DEVICE)
     assert _call(quant_linear_triton, module, empty).shape == (0, 24)
 
 
@@ -200,8 +203,8 @@ def test_cpu_tensors_use_the_reference_by_default(monkeypatch: pytest.MonkeyPatc
         raise AssertionError("the Triton path ran for a CPU tensor")
 
     monkeypatch.setattr("budgetpress.kernels._triton_quant.quant_linear_triton", refuse)
-    module = _module(24, 160, bits=4, group_size=64, bias=True)
-    x = _x(3, 160)
+    module = _module(24, 160, bits=4, group_size=64, bias=True).cpu()
+    x = _x(3, 160).cpu()
     assert torch.equal(module(x), _call(quant_linear_reference, module, x))
 
 
