@@ -52,6 +52,23 @@ def _build_parser() -> argparse.ArgumentParser:
         "--grouping", default="unit", choices=["unit", "layer", "role"], help="which units share one choice"
     )
     search.add_argument(
+        "--space",
+        default="bits",
+        help="what to search, any of bits,sparsity,rank,kv (comma-separated; default: bits)",
+    )
+    search.add_argument(
+        "--method",
+        default="bits=gptq,sparsity=sparsegpt,rank=svd-llm",
+        help="how each dimension's variants are made: bits=rtn|gptq, sparsity=magnitude|wanda|sparsegpt, "
+        "rank=svd|svd-llm (default: %(default)s)",
+    )
+    search.add_argument(
+        "--store",
+        default=None,
+        type=Path,
+        help="level store folder: every unit's variants, computed once, reused (default ~/.cache/budgetpress/levels)",
+    )
+    search.add_argument(
         "--text",
         action="append",
         default=[],
@@ -84,19 +101,23 @@ def _default_study_name() -> str:
 
 def _plan_table(report: Any) -> str:
     """Per-layer allocation: one row per decoder layer, one column per linear role."""
-    from budgetpress.space import effective_bits
+    from budgetpress.space import LinearSetting, effective_bits
 
     units = report.space.profile.linear_units
     roles = list(dict.fromkeys(u.role for u in units))
     width = max(8, *(len(r) for r in roles))
-    lines = ["layer " + " ".join(f"{r:>{width}}" for r in roles) + f" {'avg bits':>9}"]
+    lines = ["layer " + " ".join(f"{r:>{width}}" for r in roles) + f" {'avg bits':>9}  kv cache"]
+    plan = report.best.plan
     for layer in sorted({u.layer for u in units}):
         members = [u for u in units if u.layer == layer]
-        cells = {u.role: report.best.plan.get(u.key) for u in members}
+        cells = {u.role: plan.get(u.key) for u in members}
         params = sum(u.in_features * u.out_features for u in members)
-        bits = sum(effective_bits(u, report.best.plan[u.key]) * u.in_features * u.out_features for u in members)
+        bits = sum(
+            effective_bits(u, plan.get(u.key, LinearSetting())) * u.in_features * u.out_features for u in members
+        )
         row = " ".join(f"{(cells[r].label() if cells.get(r) else '16b'):>{width}}" for r in roles)
-        lines.append(f"{layer:>5} {row} {bits / params:>9.2f}")
+        kv = plan.get(f"kv.{layer}")
+        lines.append(f"{layer:>5} {row} {bits / params:>9.2f}  {kv.label() if kv else '16b'}")
     return "\n".join(lines)
 
 
@@ -123,6 +144,8 @@ def _human_summary(report: Any) -> str:
 class _BarProgress:
     """A tqdm bar on stderr for trials, and one line per stage."""
 
+    shows_bars = True
+
     def __init__(self, total: int) -> None:
         self._total = total
         self._bar: Any = None
@@ -147,10 +170,14 @@ class _BarProgress:
 
 
 def _cmd_search(args: argparse.Namespace) -> dict[str, Any]:
-    from budgetpress.space import Budget, Grouping, Workload
+    from budgetpress.evaluators import Methods, default_store_root
+    from budgetpress.space import Budget, Grouping, Workload, parse_dimensions
     from budgetpress.workers import SearchRequest, run_search
 
     request = SearchRequest(
+        dimensions=parse_dimensions(args.space),
+        methods=Methods.parse(args.method).to_text(),
+        store_root=str(args.store or default_store_root()),
         model=args.model,
         budget=Budget.parse(args.budget),
         workload=Workload.parse(args.workload),

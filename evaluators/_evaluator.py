@@ -1,21 +1,25 @@
-"""Evaluating plans on a resident model: assemble the plan's weights, run, compare to dense.
+"""Evaluating plans on a resident model: assemble the plan from the level store, run, compare to dense.
 
-Each unit's variant at each setting is computed once and kept, so assembling a plan only swaps
-weights in; the dense model's next-token distributions are computed once per token set.
+Weights are scored by teacher-forced next-token KL on token windows. When the search space has KV
+settings, every evaluation also runs the KV protocol (prefill a long context, compress the cache
+per the plan, score the continuation with the compressed cache), so that plans with and without
+KV compression are scored on the same tokens; both in one evaluation when a plan sets both. The
+dense model's distributions are computed once per token set.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from budgetpress.evaluators._rtn import rtn_quantize
+from budgetpress.evaluators._kv_eval import KVSequences, KVTokenSets, evaluate_kv, kv_continuation_log_probs
+from budgetpress.evaluators._metrics import kl_and_ppl, next_token_log_probs
+from budgetpress.evaluators._store import LevelStore
+from budgetpress.kernels import Backend, backend_for
 from budgetpress.space import (
     LinearSetting,
     ModelProfile,
@@ -28,37 +32,6 @@ from budgetpress.space import (
 
 logger = logging.getLogger(__name__)
 
-WeightMethod = Callable[[torch.Tensor, LinearSetting], torch.Tensor]
-
-
-def rtn_weight(weight: torch.Tensor, setting: LinearSetting) -> torch.Tensor:
-    """The weight a unit holds at ``setting`` under RTN, dequantized for the torch reference path."""
-    if setting.sparsity or setting.rank is not None:
-        raise ValueError(
-            f"method 'rtn' makes bit-width variants only; setting {setting.label()} needs a sparsity or low-rank method"
-        )
-    return rtn_quantize(weight, bits=setting.bits, group_size=setting.group_size).dequantize()
-
-
-WEIGHT_METHODS: dict[str, WeightMethod] = {"rtn": rtn_weight}
-
-
-@torch.no_grad()
-def next_token_log_probs(model: PreTrainedModel, tokens: torch.Tensor, *, chunk: int = 4) -> torch.Tensor:
-    """Log-softmax of the model's logits for every position, float32 [n, seq_len - 1, vocab]."""
-    parts = []
-    for start in range(0, len(tokens), chunk):
-        logits = model(input_ids=tokens[start : start + chunk]).logits[:, :-1].float()
-        parts.append(torch.log_softmax(logits, dim=-1))
-    return torch.cat(parts)
-
-
-def kl_and_ppl(dense_log_probs: torch.Tensor, log_probs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    """Mean per-token KL(dense ‖ compressed) in nats, and the compressed model's perplexity."""
-    kl = (dense_log_probs.exp() * (dense_log_probs - log_probs)).sum(-1).mean()
-    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).mean()
-    return float(kl), math.exp(min(float(nll), 700.0))
-
 
 def _linear(model: PreTrainedModel, name: str) -> nn.Linear:
     module = model.get_submodule(name)
@@ -67,8 +40,43 @@ def _linear(model: PreTrainedModel, name: str) -> nn.Linear:
     return module
 
 
+class _DequantizedAssembly:
+    """The reference backend's assembly: each stored variant runs as the weight its packed module
+    dequantizes to, computed once per variant. The reference op dequantizes and multiplies on every
+    call; this does the same multiplication without repeating the unpacking."""
+
+    def __init__(self, model: PreTrainedModel, profile: ModelProfile, store: LevelStore) -> None:
+        self._store = store
+        self._modules = {u.key: _linear(model, u.key) for u in profile.linear_units}
+        self._originals = {key: m.weight.detach().clone() for key, m in self._modules.items()}
+        self._variants: dict[tuple[str, LinearSetting], torch.Tensor] = {}
+
+    def _weight_for(self, key: str, setting: LinearSetting) -> torch.Tensor:
+        if setting.is_dense:
+            return self._originals[key]
+        cached = self._variants.get((key, setting))
+        if cached is None:
+            packed = self._store.module(key, setting)
+            original = self._originals[key]
+            cached = packed.dequantized_weight().to(original.device, original.dtype)  # type: ignore[operator]
+            self._variants[(key, setting)] = cached
+        return cached
+
+    def assemble_(self, plan: Plan) -> None:
+        for key, module in self._modules.items():
+            setting = plan.get(key, LinearSetting())
+            if not isinstance(setting, LinearSetting):
+                raise ValueError(f"unit {key!r} is a linear unit but the plan gives it {setting!r}")
+            module.weight.data = self._weight_for(key, setting)
+
+
 class PlanEvaluator:
-    """Holds one model resident and evaluates plans on it; not thread-safe (one per worker)."""
+    """Holds one model resident and evaluates plans on it; not thread-safe (one per worker).
+
+    Plans are assembled from ``store`` (never recompressed): on a GPU the packed modules run on
+    their Triton kernels; elsewhere as their dequantized weights (the reference ops' arithmetic).
+    ``kv_sets`` turns on the KV protocol for every evaluation.
+    """
 
     def __init__(
         self,
@@ -77,51 +85,65 @@ class PlanEvaluator:
         profile: ModelProfile,
         token_sets: dict[Split, torch.Tensor],
         workload: Workload,
-        method: str = "rtn",
+        store: LevelStore,
+        kv_sets: KVTokenSets | None = None,
     ) -> None:
-        if method not in WEIGHT_METHODS:
-            raise ValueError(f"unknown weight method {method!r}; accepted: {', '.join(WEIGHT_METHODS)}")
         self._model = model
         self._profile = profile
         self._workload = workload
-        self._method = WEIGHT_METHODS[method]
-        self._modules = {u.key: _linear(model, u.key) for u in profile.linear_units}
-        self._originals = {key: m.weight.detach().clone() for key, m in self._modules.items()}
-        self._variants: dict[tuple[str, LinearSetting], torch.Tensor] = {}
+        self._store = store
+        self._packed = backend_for(model.device) is Backend.TRITON
+        self._reference = None if self._packed else _DequantizedAssembly(model, profile, store)
         self._tokens = token_sets
         self._dense = {split: next_token_log_probs(model, tokens) for split, tokens in token_sets.items()}
+        self._kv_sets = kv_sets
+        self._kv_dense = {} if kv_sets is None else {s: self._kv_reference(kv_sets.for_split(s)) for s in Split}
 
-    def _weight_for(self, key: str, setting: LinearSetting) -> torch.Tensor:
-        if setting.is_dense:
-            return self._originals[key]
-        cached = self._variants.get((key, setting))
-        if cached is None:
-            cached = self._method(self._originals[key], setting).to(self._originals[key].dtype)
-            self._variants[(key, setting)] = cached
-        return cached
+    def _kv_reference(self, sequences: KVSequences) -> torch.Tensor:
+        tokens, prefill = sequences.tokens, sequences.prefill_len
+        return kv_continuation_log_probs(self._model, tokens, prefill_len=prefill, plan=Plan({}))
 
     def assemble_(self, plan: Plan) -> None:
-        """Swap every linear unit's weight to its variant under ``plan`` (dense where unset)."""
-        for key, module in self._modules.items():
-            setting = plan.get(key, LinearSetting())
-            if not isinstance(setting, LinearSetting):
-                raise ValueError(f"unit {key!r} is a linear unit but the plan gives it {setting!r}")
-            module.weight.data = self._weight_for(key, setting)
+        """Swap every linear unit to its stored variant under ``plan`` (dense where unset)."""
+        if self._reference is not None:
+            self._reference.assemble_(plan)
+        else:
+            self._store.assemble_(self._model, plan)
 
     def evaluate(self, plan: Plan, *, split: Split, max_tokens: int | None = None, worker: str = "") -> Result:
+        """Score ``plan`` on ``split``; ``max_tokens`` (the fidelity) caps the tokens scored."""
         started = time.perf_counter()
         tokens = self._tokens[split]
-        dense = self._dense[split]
         n_sequences = len(tokens) if max_tokens is None else max(1, min(len(tokens), -(-max_tokens // tokens.shape[1])))
         self.assemble_(plan)
         log_probs = next_token_log_probs(self._model, tokens[:n_sequences])
-        kl, ppl = kl_and_ppl(dense[:n_sequences], log_probs, tokens[:n_sequences, 1:])
+        kl, ppl = kl_and_ppl(self._dense[split][:n_sequences], log_probs, tokens[:n_sequences, 1:])
+        scored = int(tokens[:n_sequences, 1:].numel())
+        extra: dict[str, float] = {"weight_kl": kl}
+        if self._kv_sets is not None:
+            kl, scored = self._with_kv(plan, split, n_sequences / len(tokens), kl, scored, extra)
         return Result(
             kl=kl,
             ppl=ppl,
             memory_bytes=plan_bytes(self._profile, plan, self._workload),
-            tokens=int(tokens[:n_sequences, 1:].numel()),
+            tokens=scored,
             seconds=time.perf_counter() - started,
             split=split,
             worker=worker,
+            fidelity=max_tokens,
+            extra=tuple(sorted(extra.items())),
         )
+
+    def _with_kv(
+        self, plan: Plan, split: Split, fraction: float, kl: float, scored: int, extra: dict[str, float]
+    ) -> tuple[float, int]:
+        """Add the KV protocol's continuation tokens: the token-weighted KL of both sets."""
+        assert self._kv_sets is not None
+        sequences = self._kv_sets.for_split(split)
+        n_kv = max(1, round(fraction * len(sequences)))
+        kv = evaluate_kv(self._model, sequences.head(n_kv), plan, dense_log_probs=self._kv_dense[split][:n_kv])
+        extra.update(kv_kl=kv.kl, kv_ppl=kv.ppl)
+        if kv.recall_accuracy is not None:
+            extra["recall_accuracy"] = kv.recall_accuracy
+        total = scored + kv.tokens
+        return (kl * scored + kv.kl * kv.tokens) / total, total

@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from budgetpress.evaluators._data import Encoder, TokenSpec, byte_encoder, make_token_sets
+from budgetpress.evaluators._data import Encoder, TokenSets, TokenSpec, byte_encoder, make_token_sets
 from budgetpress.evaluators._evaluator import PlanEvaluator
 from budgetpress.evaluators._inspect import profile_model
-from budgetpress.evaluators._loading import BUILTIN_NAME, ModelSource, load_model
-from budgetpress.space import ModelProfile, Split, Workload
+from budgetpress.evaluators._kv_eval import KVTokenSpec, make_kv_token_sets
+from budgetpress.evaluators._loading import BUILTIN_NAME, ModelSource, load_model, resolve_model
+from budgetpress.evaluators._methods import Methods
+from budgetpress.evaluators._store import LevelStore, StoreReport, calibration_key, model_key
+from budgetpress.space import ModelProfile, SearchSpace, Split, Workload
+
+
+def default_store_root() -> Path:
+    """Where level stores live unless told otherwise: the user's cache folder."""
+    return Path.home() / ".cache" / "budgetpress" / "levels"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionSpec:
+    """What a worker loads: the model, its token sets, the level store and (optionally) KV sequences."""
+
+    model: str
+    workload: Workload
+    tokens: TokenSpec = field(default_factory=TokenSpec)
+    store_root: str = field(default_factory=lambda: str(default_store_root()))
+    methods: str = field(default_factory=lambda: Methods().to_text())
+    kv_tokens: KVTokenSpec | None = None
 
 
 @dataclass
@@ -46,18 +67,39 @@ def profile_source(source: ModelSource) -> ModelProfile:
     return profile_model(model, name=source.spec)
 
 
-def open_session(
-    source: ModelSource, *, tokens: TokenSpec, workload: Workload, method: str = "rtn"
-) -> EvaluationSession:
-    """Load the model and token sets and compute the dense references once."""
+def _open_store(spec: SessionSpec, source: ModelSource, model: PreTrainedModel, sets: TokenSets) -> LevelStore:
+    return LevelStore(
+        Path(spec.store_root),
+        model_key=model_key(model, checkpoint_dir=source.local_dir),
+        calibration_key=calibration_key(sets.calibration),
+        methods=Methods.parse(spec.methods),
+    )
+
+
+def build_store(spec: SessionSpec, space: SearchSpace, *, progress: bool = True) -> StoreReport:
+    """Make every unit's variant at every linear choice of ``space`` that the store lacks (once per model,
+    methods and calibration set; later searches reuse them)."""
+    source = resolve_model(spec.model)
+    model = load_model(source)
+    sets = make_token_sets(spec.tokens, encoder_for(source))
+    store = _open_store(spec, source, model, sets)
+    wanted = {unit.key: space.linear_choices for unit in space.profile.linear_units}
+    return store.build(model, wanted, calibration_tokens=sets.calibration, progress=progress)
+
+
+def open_session(spec: SessionSpec) -> EvaluationSession:
+    """Load the model, token sets and level store, and compute the dense references once."""
+    source = resolve_model(spec.model)
     model = load_model(source)
     profile = profile_model(model, name=source.spec)
-    sets = make_token_sets(tokens, encoder_for(source))
+    encode = encoder_for(source)
+    sets = make_token_sets(spec.tokens, encode)
     evaluator = PlanEvaluator(
         model=model,
         profile=profile,
-        workload=workload,
-        method=method,
+        workload=spec.workload,
+        store=_open_store(spec, source, model, sets),
         token_sets={Split.CALIBRATION: sets.calibration, Split.EVALUATION: sets.evaluation},
+        kv_sets=None if spec.kv_tokens is None else make_kv_token_sets(spec.kv_tokens, encode),
     )
     return EvaluationSession(source=source, profile=profile, evaluator=evaluator)

@@ -1,5 +1,6 @@
 """Packed formats and the ops on them; plain-torch references (Triton kernels come beside them)."""
 
+from budgetpress.kernels._backend import Backend, backend_for
 from budgetpress.kernels._kv_attention import (
     PLAN_KV_ATTENTION,
     quantized_decode_attention,
@@ -21,6 +22,7 @@ from budgetpress.kernels._kv_quant import (
 from budgetpress.kernels._low_rank import LowRankLinear, low_rank_linear_reference, low_rank_linear_triton
 from budgetpress.kernels._packing import PACKABLE_BITS, pack_rows, unpack_rows, words_per_row
 from budgetpress.kernels._quant_linear import QuantLinear, dequantize_packed, quant_linear_reference
+from budgetpress.kernels._serialize import module_from_tensors, module_tensors
 from budgetpress.kernels._sparse import (
     SparseLinear,
     SparseLinearOp,
@@ -36,6 +38,7 @@ __all__ = [
     "KV_QUANT_BITS",
     "PACKABLE_BITS",
     "PLAN_KV_ATTENTION",
+    "Backend",
     "LowRankLinear",
     "PlanKVCache",
     "PlanKVLayer",
@@ -43,6 +46,7 @@ __all__ = [
     "QuantizedKV",
     "SparseLinear",
     "SparseLinearOp",
+    "backend_for",
     "check_sparse_mask",
     "dequantize_keys",
     "dequantize_packed",
@@ -50,6 +54,8 @@ __all__ = [
     "dequantize_values",
     "low_rank_linear_reference",
     "low_rank_linear_triton",
+    "module_from_tensors",
+    "module_tensors",
     "pack_bitmask",
     "pack_kv_codes",
     "pack_rows",

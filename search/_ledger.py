@@ -62,6 +62,7 @@ class Ledger:
             trial.set_user_attr("seconds", round(result.seconds, 4))
             trial.set_user_attr("worker", result.worker)
             trial.set_user_attr("split", result.split.value)
+            trial.set_user_attr("fidelity", result.fidelity)
         fitness = outcome.fitness
         if fitness is None:
             reason = outcome.failure or f"evaluation gave a non-finite result: {outcome.result}"

@@ -28,7 +28,15 @@ from ._settings import (
     Setting,
     SparsityPattern,
 )
-from ._space import Dimension, Grouping, SearchSpace, kv_choices_for, linear_choices_for, parse_dimensions
+from ._space import (
+    Dimension,
+    Grouping,
+    SearchSpace,
+    kv_choices_for,
+    linear_choices_for,
+    parse_dimensions,
+    plan_dimensions,
+)
 from ._units import KVUnit, LinearUnit, Unit, UnitKind
 from ._workload import Workload
 
@@ -67,5 +75,6 @@ __all__ = [
     "linear_choices_for",
     "parse_dimensions",
     "plan_bytes",
+    "plan_dimensions",
     "plan_memory",
 ]

@@ -25,6 +25,9 @@ class Result:
     seconds: float
     split: Split = Split.CALIBRATION
     worker: str = ""
+    # The token budget the evaluation was asked for (None: the whole split). Results of one plan at
+    # different fidelities are different results and are kept apart.
+    fidelity: int | None = None
     extra: tuple[tuple[str, float], ...] = field(default_factory=tuple)
 
     @property

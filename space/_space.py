@@ -41,6 +41,23 @@ def parse_dimensions(text: str) -> frozenset[Dimension]:
     return frozenset(dims)
 
 
+def plan_dimensions(plan: Plan) -> frozenset[Dimension]:
+    """The dimensions a plan actually uses (a 16-bit low-rank factor uses rank, not bits)."""
+    used: set[Dimension] = set()
+    for setting in plan.values():
+        if isinstance(setting, KVSetting):
+            if not setting.is_dense:
+                used.add(Dimension.KV)
+            continue
+        if setting.bits != 16:
+            used.add(Dimension.BITS)
+        if setting.sparsity:
+            used.add(Dimension.SPARSITY)
+        if setting.rank is not None:
+            used.add(Dimension.RANK)
+    return frozenset(used)
+
+
 class Grouping(StrEnum):
     """Which linear units are forced to share one choice."""
 

@@ -6,12 +6,22 @@ The CLI runs this directly; the service's job runner will run the same function.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import optuna
 
-from budgetpress.evaluators import check_text_files, profile_source, resolve_model
+from budgetpress.evaluators import (
+    KVTokenSpec,
+    Methods,
+    SessionSpec,
+    TokenSpec,
+    build_store,
+    check_text_files,
+    default_store_root,
+    profile_source,
+    resolve_model,
+)
 from budgetpress.search import (
     Controller,
     CostedSpace,
@@ -23,7 +33,17 @@ from budgetpress.search import (
     best_plan,
     open_study,
 )
-from budgetpress.space import Budget, Grouping, Plan, Result, SearchSpace, Split, Workload
+from budgetpress.space import (
+    Budget,
+    Dimension,
+    Grouping,
+    Plan,
+    Result,
+    SearchSpace,
+    Split,
+    Workload,
+    plan_dimensions,
+)
 from budgetpress.workers._pool import WorkerPool, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -41,7 +61,9 @@ class SearchRequest:
     n_workers: int
     seed: int
     grouping: Grouping = Grouping.UNIT
-    method: str = "rtn"
+    dimensions: frozenset[Dimension] = frozenset({Dimension.BITS})
+    methods: str = field(default_factory=lambda: Methods().to_text())
+    store_root: str = field(default_factory=lambda: str(default_store_root()))
     text_files: tuple[str, ...] = ()
     seq_len: int = 512
     calibration_sequences: int = 16
@@ -70,6 +92,7 @@ class SearchReport:
     best: PlanReport
     uniform: PlanReport
     dense_ppl: float
+    level_store: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,9 +104,16 @@ class SearchReport:
             "n_complete": self.n_complete,
             "budget_bytes": self.budget_bytes,
             "dense_bytes": self.dense_bytes,
-            "best": {**self.best.to_dict(), "plan": {k: s.label() for k, s in self.best.plan.items()}},
+            "space": sorted(d.value for d in self.request.dimensions),
+            "methods": self.request.methods,
+            "best": {
+                **self.best.to_dict(),
+                "dimensions_used": sorted(d.value for d in plan_dimensions(self.best.plan)),
+                "plan": {k: s.label() for k, s in self.best.plan.items()},
+            },
             "uniform": self.uniform.to_dict(),
             "dense": {"ppl": self.dense_ppl},
+            "level_store": self.level_store,
             "kl_split": Split.EVALUATION.value,
         }
 
@@ -91,12 +121,16 @@ class SearchReport:
 class Progress(Protocol):
     """What a search reports while it runs; the CLI draws a bar, the service stores fields."""
 
+    shows_bars: bool
+
     def stage(self, text: str) -> None: ...
 
     def trial(self, record: TrialRecord, done: int, total: int) -> None: ...
 
 
 class _Silent:
+    shows_bars = False
+
     def stage(self, text: str) -> None:
         logger.info("%s", text)
 
@@ -111,8 +145,11 @@ def check_request(request: SearchRequest) -> tuple[SearchSpace, CostedSpace, int
     if request.n_workers < 1:
         raise ValueError(f"workers must be at least 1; got {request.n_workers}")
     check_text_files(request.text_files)
+    Methods.parse(request.methods)
     profile = profile_source(resolve_model(request.model))
-    space = SearchSpace.bits_only(profile, grouping=request.grouping)
+    space = SearchSpace.for_dimensions(
+        profile, request.dimensions, context=request.workload.context, grouping=request.grouping
+    )
     costed = CostedSpace(space, request.workload)
     budget_bytes = request.budget.resolve(costed.dense_bytes)
     if costed.cheapest_bytes() > budget_bytes:
@@ -124,20 +161,36 @@ def check_request(request: SearchRequest) -> tuple[SearchSpace, CostedSpace, int
     return space, costed, budget_bytes
 
 
-def _spec(request: SearchRequest) -> WorkerSpec:
-    # A local model must never make workers reach for the hub (transformers retries for ~50 s).
-    local = resolve_model(request.model).local_dir is not None
-    return WorkerSpec(
-        env={"HF_HUB_OFFLINE": "1"} if local else {},
-        model=request.model,
-        workload=request.workload,
-        method=request.method,
+def session_spec(request: SearchRequest) -> SessionSpec:
+    tokens = TokenSpec(
         seq_len=request.seq_len,
         calibration_sequences=request.calibration_sequences,
         evaluation_sequences=request.evaluation_sequences,
         seed=request.seed,
         text_files=request.text_files,
     )
+    kv_tokens = None
+    if Dimension.KV in request.dimensions:
+        kv_tokens = KVTokenSpec(
+            calibration_sequences=request.calibration_sequences,
+            evaluation_sequences=request.evaluation_sequences,
+            seed=request.seed,
+            text_files=request.text_files,
+        )
+    return SessionSpec(
+        model=request.model,
+        workload=request.workload,
+        tokens=tokens,
+        store_root=request.store_root,
+        methods=request.methods,
+        kv_tokens=kv_tokens,
+    )
+
+
+def _worker_spec(request: SearchRequest) -> WorkerSpec:
+    # A local model must never make workers reach for the hub (transformers retries for ~50 s).
+    local = resolve_model(request.model).local_dir is not None
+    return WorkerSpec(session=session_spec(request), env={"HF_HUB_OFFLINE": "1"} if local else {})
 
 
 def _best_uniform(pool: WorkerPool, costed: CostedSpace, budget_bytes: int) -> Plan:
@@ -175,8 +228,11 @@ def run_search(request: SearchRequest, progress: Progress | None = None) -> Sear
     progress = progress or _Silent()
     space, costed, budget_bytes = check_request(request)
     study = open_study(storage=request.storage, name=request.study_name, seed=request.seed, strategy=request.strategy)
+    progress.stage(f"level store under {request.store_root}: every unit at every choice, computed once")
+    store = build_store(session_spec(request), space, progress=progress.shows_bars)
+    study.set_user_attr("level_store", asdict(store))
     progress.stage(f"starting {request.n_workers} Ray worker(s)")
-    with WorkerPool(_spec(request), n_workers=request.n_workers) as pool:
+    with WorkerPool(_worker_spec(request), n_workers=request.n_workers) as pool:
         progress.stage("evaluating the uniform baselines that fit")
         uniform_plan = _best_uniform(pool, costed, budget_bytes)
         ledger = Ledger(study=study, space=space, budget_bytes=budget_bytes)
@@ -209,6 +265,7 @@ def run_search(request: SearchRequest, progress: Progress | None = None) -> Sear
         uniform=_plan_report(uniform_plan, uniform_result),
         n_complete=sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials),
         dense_ppl=dense_result.ppl,
+        level_store=asdict(store),
     )
     study.set_user_attr("report", report.to_dict())
     logger.info("best trial %d of study %s", best_trial.number, request.study_name)

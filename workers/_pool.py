@@ -15,8 +15,9 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from budgetpress.evaluators import SessionSpec
 from budgetpress.search import Outcome
-from budgetpress.space import Plan, Result, Split, Workload
+from budgetpress.space import Plan, Result, Split
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +27,9 @@ START_TIMEOUT_S = 300
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerSpec:
-    """What each worker loads; plain data, so it pickles to the actors."""
+    """What each worker loads (plain data, so it pickles to the actors), and how it runs."""
 
-    model: str
-    workload: Workload
-    method: str = "rtn"
-    seq_len: int = 512
-    calibration_sequences: int = 16
-    evaluation_sequences: int = 16
-    seed: int = 0
-    text_files: tuple[str, ...] = ()
+    session: SessionSpec
     threads: int = 1
     env: dict[str, str] = field(default_factory=dict)
 
@@ -47,19 +41,10 @@ class EvaluatorActor:
     def __init__(self, spec: WorkerSpec, worker_id: str) -> None:
         import torch
 
-        from budgetpress.evaluators import TokenSpec, open_session, resolve_model
+        from budgetpress.evaluators import open_session
 
         torch.set_num_threads(spec.threads)
-        tokens = TokenSpec(
-            seq_len=spec.seq_len,
-            calibration_sequences=spec.calibration_sequences,
-            evaluation_sequences=spec.evaluation_sequences,
-            seed=spec.seed,
-            text_files=spec.text_files,
-        )
-        self._session = open_session(
-            resolve_model(spec.model), tokens=tokens, workload=spec.workload, method=spec.method
-        )
+        self._session = open_session(spec.session)
         self._worker_id = worker_id
 
     def evaluate(self, plan_json: str, split: str, max_tokens: int | None) -> Result:
