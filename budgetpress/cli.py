@@ -58,15 +58,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument(
         "--method",
-        default="bits=gptq,sparsity=sparsegpt,rank=svd-llm",
+        default=None,
         help="how each dimension's variants are made: bits=rtn|gptq, sparsity=magnitude|wanda|sparsegpt, "
-        "rank=svd|svd-llm (default: %(default)s)",
+        "rank=svd|svd-llm (default: bits=gptq,sparsity=sparsegpt,rank=svd-llm)",
     )
     search.add_argument(
         "--store",
         default=None,
         type=Path,
-        help="level store folder: every unit's variants, computed once, reused (default ~/.cache/budgetpress/levels)",
+        help="level store folder: every unit's variants, computed once and reused "
+        "(default: $BUDGETPRESS_STORE, else ~/.cache/budgetpress/levels)",
     )
     search.add_argument(
         "--text",
@@ -170,13 +171,13 @@ class _BarProgress:
 
 
 def _cmd_search(args: argparse.Namespace) -> dict[str, Any]:
-    from budgetpress.evaluators import Methods, default_store_root
+    from budgetpress.evaluators import SEARCH_METHODS, Methods, default_store_root
     from budgetpress.space import Budget, Grouping, Workload, parse_dimensions
     from budgetpress.workers import SearchRequest, run_search
 
     request = SearchRequest(
         dimensions=parse_dimensions(args.space),
-        methods=Methods.parse(args.method).to_text(),
+        methods=Methods.parse(args.method or SEARCH_METHODS).to_text(),
         store_root=str(args.store or default_store_root()),
         model=args.model,
         budget=Budget.parse(args.budget),

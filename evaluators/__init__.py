@@ -27,6 +27,7 @@ from budgetpress.evaluators._loading import (
 )
 from budgetpress.evaluators._low_rank import LowRankWeight, svd_llm_low_rank, svd_low_rank
 from budgetpress.evaluators._methods import (
+    SEARCH_METHODS,
     BitsMethod,
     Methods,
     RankMethod,
@@ -61,6 +62,7 @@ __all__ = [
     "BUILTIN_DIR",
     "BUILTIN_NAME",
     "PRESETS",
+    "SEARCH_METHODS",
     "BitsMethod",
     "EvaluationSession",
     "InputStats",

@@ -103,6 +103,15 @@ class PlanEvaluator:
         tokens, prefill = sequences.tokens, sequences.prefill_len
         return kv_continuation_log_probs(self._model, tokens, prefill_len=prefill, plan=Plan({}))
 
+    @property
+    def model(self) -> PreTrainedModel:
+        """The resident model, assembled to the last plan evaluated."""
+        return self._model
+
+    def tokens(self, split: Split) -> torch.Tensor:
+        """The weight-scoring windows of ``split`` (int64 [n, seq_len])."""
+        return self._tokens[split]
+
     def assemble_(self, plan: Plan) -> None:
         """Swap every linear unit to its stored variant under ``plan`` (dense where unset)."""
         if self._reference is not None:

@@ -44,6 +44,9 @@ class RankMethod(StrEnum):
     SVD_LLM = "svd-llm"
 
 
+# What a search uses unless told otherwise: the calibration methods, which lose the least.
+SEARCH_METHODS = "bits=gptq,sparsity=sparsegpt,rank=svd-llm"
+
 _NEEDS_STATS = {BitsMethod.GPTQ, SparsityMethod.WANDA, SparsityMethod.SPARSEGPT, RankMethod.SVD_LLM}
 _DIMENSIONS: dict[str, type[StrEnum]] = {"bits": BitsMethod, "sparsity": SparsityMethod, "rank": RankMethod}
 

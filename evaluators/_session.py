@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,14 +14,17 @@ from budgetpress.evaluators._evaluator import PlanEvaluator
 from budgetpress.evaluators._inspect import profile_model
 from budgetpress.evaluators._kv_eval import KVTokenSpec, make_kv_token_sets
 from budgetpress.evaluators._loading import BUILTIN_NAME, ModelSource, load_model, resolve_model
-from budgetpress.evaluators._methods import Methods
+from budgetpress.evaluators._methods import SEARCH_METHODS, Methods
 from budgetpress.evaluators._store import LevelStore, StoreReport, calibration_key, model_key
 from budgetpress.space import ModelProfile, SearchSpace, Split, Workload
 
+STORE_ENV_VAR = "BUDGETPRESS_STORE"
+
 
 def default_store_root() -> Path:
-    """Where level stores live unless told otherwise: the user's cache folder."""
-    return Path.home() / ".cache" / "budgetpress" / "levels"
+    """Where level stores live unless told otherwise: ``$BUDGETPRESS_STORE``, else the user's cache folder."""
+    configured = os.environ.get(STORE_ENV_VAR)
+    return Path(configured) if configured else Path.home() / ".cache" / "budgetpress" / "levels"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +35,7 @@ class SessionSpec:
     workload: Workload
     tokens: TokenSpec = field(default_factory=TokenSpec)
     store_root: str = field(default_factory=lambda: str(default_store_root()))
-    methods: str = field(default_factory=lambda: Methods().to_text())
+    methods: str = SEARCH_METHODS
     kv_tokens: KVTokenSpec | None = None
 
 

@@ -196,11 +196,13 @@ class SearchSpace:
         return options.index(setting)
 
     def uniform_plans(self) -> list[Plan]:
-        """One plan per linear choice: every linear unit at it, KV at choice 0."""
+        """One plan per (linear choice, KV choice): every linear unit at the one, every KV cache at the
+        other; linear-major, so without KV choices it is one plan per linear choice."""
         plans = []
         for i in range(len(self.linear_choices)):
-            indices = {name: 0 if name in self._kv_groups else i for name, _ in self._groups}
-            plans.append(self.plan_from_choices(indices))
+            for k in range(len(self.kv_choices)):
+                indices = {name: k if name in self._kv_groups else i for name, _ in self._groups}
+                plans.append(self.plan_from_choices(indices))
         return plans
 
 

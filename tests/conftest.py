@@ -17,6 +17,14 @@ if not torch.cuda.is_available():
 POSTGRES_URL = os.environ.get("BUDGETPRESS_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def level_store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One level store for the whole run, never the user's cache; subprocesses inherit it."""
+    root = tmp_path_factory.mktemp("levels")
+    os.environ["BUDGETPRESS_STORE"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def micro_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The micro preset of the built-in recipe, trained here in seconds: a real byte-level Llama."""

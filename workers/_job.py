@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import optuna
 
 from budgetpress.evaluators import (
+    SEARCH_METHODS,
     KVTokenSpec,
     Methods,
     SessionSpec,
@@ -62,7 +63,7 @@ class SearchRequest:
     seed: int
     grouping: Grouping = Grouping.UNIT
     dimensions: frozenset[Dimension] = frozenset({Dimension.BITS})
-    methods: str = field(default_factory=lambda: Methods().to_text())
+    methods: str = SEARCH_METHODS
     store_root: str = field(default_factory=lambda: str(default_store_root()))
     text_files: tuple[str, ...] = ()
     seq_len: int = 512

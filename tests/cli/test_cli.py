@@ -68,6 +68,10 @@ def test_pickle_only_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], m
         (["--storage", "sqlite:////nonexistent-dir/x.db"], "cannot open storage"),
         (["--trials", "many"], "many"),
         (["--text", "/nonexistent.txt"], "nonexistent"),
+        (["--space", "bits,depth"], "unknown space dimension 'depth'"),
+        (["--space", ","], "at least one dimension"),
+        (["--method", "bits=awq"], "unknown bits method 'awq'; accepted: rtn, gptq"),
+        (["--method", "gptq"], "DIMENSION=METHOD"),
     ],
 )
 def test_other_bad_options(

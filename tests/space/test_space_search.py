@@ -125,10 +125,8 @@ def test_uniform_plans(profile: ModelProfile) -> None:
     kv = (KVSetting(bits=8), KVSetting())
     space = SearchSpace(profile=profile, linear_choices=BITS, kv_choices=kv, grouping=Grouping.ROLE)
     plans = space.uniform_plans()
-    assert len(plans) == len(BITS)
-    for choice, plan in zip(BITS, plans, strict=True):
-        expected = Plan.uniform(profile.units(), linear=choice, kv=KVSetting(bits=8))
-        assert plan == expected
+    expected = [Plan.uniform(profile.units(), linear=choice, kv=kv_choice) for choice in BITS for kv_choice in kv]
+    assert plans == expected
 
 
 @pytest.mark.parametrize(
@@ -188,3 +186,48 @@ def test_bits_only_per_channel(profile: ModelProfile) -> None:
     assert space.linear_choices == (LinearSetting(bits=3, group_size=None), LinearSetting())
     assert space.kv_choices == (KVSetting(),)
     assert space.grouping is Grouping.UNIT
+
+
+def test_dimensions_parse_and_reject_unknown_names() -> None:
+    from budgetpress.space import Dimension, parse_dimensions
+
+    assert parse_dimensions(" kv,bits ") == {Dimension.KV, Dimension.BITS}
+    assert parse_dimensions("bits,sparsity,rank,kv") == set(Dimension)
+    with pytest.raises(ValueError, match="unknown space dimension 'depth'; accepted: bits, sparsity, rank, kv"):
+        parse_dimensions("bits,depth")
+    with pytest.raises(ValueError, match="at least one dimension"):
+        parse_dimensions(" , ")
+
+
+@pytest.mark.parametrize("text", ["bits", "sparsity", "rank", "kv", "bits,sparsity", "bits,sparsity,rank,kv"])
+def test_space_for_dimensions_offers_exactly_those_dimensions(profile: ModelProfile, text: str) -> None:
+    from budgetpress.space import Dimension, parse_dimensions, plan_dimensions
+
+    dims = parse_dimensions(text)
+    space = SearchSpace.for_dimensions(profile, dims, context=512)
+    assert space.linear_choices[0].is_dense and space.kv_choices[0].is_dense
+    offered: set[Dimension] = set()
+    for plan in space.uniform_plans():
+        offered |= plan_dimensions(plan)
+    offered |= {Dimension.KV} if len(space.kv_choices) > 1 else set()
+    assert offered == dims
+    for choice in space.kv_choices:
+        assert choice.kept_tokens is None or choice.kept_tokens in (256, 128)
+    ranks = {c.rank for c in space.linear_choices if c.rank is not None}
+    narrowest = min(min(u.in_features, u.out_features) for u in profile.linear_units)
+    assert all(r < narrowest for r in ranks)
+
+
+def test_plan_dimensions_names_what_a_plan_uses() -> None:
+    from budgetpress.space import Dimension, plan_dimensions
+
+    plan = Plan(
+        {
+            Q0: LinearSetting(bits=16, rank=8),
+            O0: LinearSetting(bits=4, sparsity=0.5, pattern=SparsityPattern.SEMI_2_4),
+            "kv.0": KVSetting(bits=16),
+        }
+    )
+    assert plan_dimensions(plan) == {Dimension.RANK, Dimension.SPARSITY, Dimension.BITS}
+    assert plan_dimensions(Plan({"kv.1": KVSetting(bits=4)})) == {Dimension.KV}
+    assert plan_dimensions(Plan({})) == frozenset()

@@ -76,10 +76,11 @@ def test_search_recorded_in_postgresql(micro_model_dir: Path) -> None:
 
 _POOL_SCRIPT = """
 import json, sys
+from budgetpress.evaluators import SessionSpec, TokenSpec
 from budgetpress.space import Workload
 from budgetpress.workers import WorkerPool, WorkerSpec
-spec = WorkerSpec(model=sys.argv[1], workload=Workload(context=128), seq_len=128,
-                  calibration_sequences=2, evaluation_sequences=2)
+tokens = TokenSpec(seq_len=128, calibration_sequences=2, evaluation_sequences=2)
+spec = WorkerSpec(session=SessionSpec(model=sys.argv[1], workload=Workload(context=128), tokens=tokens))
 pool = WorkerPool(spec, n_workers=2)
 print(json.dumps(pool.worker_pids()))
 pool.close()
