@@ -79,16 +79,7 @@ def _check_factors(down: Factor, up: Factor, bias: torch.Tensor | None) -> None:
 
 def _apply_reference(factor: Factor, x: torch.Tensor) -> torch.Tensor:
     if isinstance(factor, QuantLinear):
-        return quant_linear_reference(
-            x,
-            factor.qweight,
-            factor.scales,
-            factor.zeros,
-            None,
-            bits=factor.bits,
-            in_features=factor.in_features,
-            group_size=factor.group_size,
-        )
+        return factor.run(quant_linear_reference, x, with_bias=False)
     return nn.functional.linear(x, factor.to(x.dtype))
 
 
@@ -96,16 +87,7 @@ def _apply_triton(factor: Factor, x: torch.Tensor) -> torch.Tensor:
     if isinstance(factor, QuantLinear):
         from budgetpress.kernels._triton_quant import quant_linear_triton
 
-        return quant_linear_triton(
-            x,
-            factor.qweight,
-            factor.scales,
-            factor.zeros,
-            None,
-            bits=factor.bits,
-            in_features=factor.in_features,
-            group_size=factor.group_size,
-        )
+        return factor.run(quant_linear_triton, x, with_bias=False)
     # A dense bf16 factor is an ordinary matmul: the vendor library already runs it well.
     return nn.functional.linear(x, factor.to(x.dtype))
 

@@ -6,6 +6,8 @@ an fp16 scale and a uint8 zero point per (row, group), and a 16-bit bias if the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -113,6 +115,19 @@ class QuantLinear(nn.Module):
         """Bytes of every tensor this module holds."""
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
+    def run(self, op: Callable[..., torch.Tensor], x: torch.Tensor, *, with_bias: bool = True) -> torch.Tensor:
+        """``op`` (``quant_linear_reference`` or the Triton kernel: same signature) on this module's tensors."""
+        return op(
+            x,
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.bias if with_bias else None,
+            bits=self.bits,
+            in_features=self.in_features,
+            group_size=self.group_size,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = quant_linear_reference
         if backend_for(x.device) is Backend.TRITON:
@@ -120,16 +135,7 @@ class QuantLinear(nn.Module):
             from budgetpress.kernels._triton_quant import quant_linear_triton
 
             op = quant_linear_triton
-        return op(
-            x,
-            self.qweight,
-            self.scales,
-            self.zeros,
-            self.bias,
-            bits=self.bits,
-            in_features=self.in_features,
-            group_size=self.group_size,
-        )
+        return self.run(op, x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"

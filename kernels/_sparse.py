@@ -392,6 +392,10 @@ class SparseLinear(nn.Module):
             from budgetpress.kernels._triton_sparse import sparse_linear_triton
 
             op = sparse_linear_triton
+        return self.run(op, x)
+
+    def run(self, op: SparseLinearOp, x: torch.Tensor) -> torch.Tensor:
+        """``op`` (``sparse_linear_reference`` or the Triton kernel: same signature) on this module's tensors."""
         return op(
             x,
             self.values,

@@ -194,11 +194,15 @@ def _worker_spec(request: SearchRequest) -> WorkerSpec:
     return WorkerSpec(session=session_spec(request), env={"HF_HUB_OFFLINE": "1"} if local else {})
 
 
-def _best_uniform(pool: WorkerPool, costed: CostedSpace, budget_bytes: int) -> Plan:
+def _best_uniform(pool: WorkerPool, costed: CostedSpace, budget_bytes: int, progress: Progress) -> Plan:
     uniform = UniformStrategy(costed=costed, budget_bytes=budget_bytes)
     plans = uniform.ask(len(costed.space.uniform_plans()))
-    for plan, outcome in zip(plans, pool.evaluate(plans), strict=True):
-        uniform.tell(plan, outcome)
+    progress.stage(f"evaluating the {len(plans)} uniform baselines that fit (one setting for every unit)")
+    for start in range(0, len(plans), pool.size):
+        batch = plans[start : start + pool.size]
+        for plan, outcome in zip(batch, pool.evaluate(batch), strict=True):
+            uniform.tell(plan, outcome)
+        progress.stage(f"uniform baselines: {min(start + pool.size, len(plans))}/{len(plans)} evaluated")
     if uniform.best is None:
         raise RuntimeError("every uniform plan that fits the budget failed to evaluate")
     return uniform.best[0]
@@ -234,8 +238,7 @@ def run_search(request: SearchRequest, progress: Progress | None = None) -> Sear
     study.set_user_attr("level_store", asdict(store))
     progress.stage(f"starting {request.n_workers} Ray worker(s)")
     with WorkerPool(_worker_spec(request), n_workers=request.n_workers) as pool:
-        progress.stage("evaluating the uniform baselines that fit")
-        uniform_plan = _best_uniform(pool, costed, budget_bytes)
+        uniform_plan = _best_uniform(pool, costed, budget_bytes, progress)
         ledger = Ledger(study=study, space=space, budget_bytes=budget_bytes)
         strategy = _make_strategy(request, ledger, costed, budget_bytes, uniform_plan)
         done = [0]

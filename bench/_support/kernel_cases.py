@@ -78,16 +78,7 @@ def quant_module(out_features: int, in_features: int, *, bits: int, group_size: 
 def _quant_call(fn: Callable[..., torch.Tensor]) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
     def call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         assert isinstance(module, QuantLinear)
-        return fn(
-            x,
-            module.qweight,
-            module.scales,
-            module.zeros,
-            module.bias,
-            bits=module.bits,
-            in_features=module.in_features,
-            group_size=module.group_size,
-        )
+        return module.run(fn, x)
 
     return call
 
@@ -166,19 +157,7 @@ def sparse_module(out_features: int, in_features: int, setting: LinearSetting, *
 def _sparse_call(fn: Callable[..., torch.Tensor]) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
     def call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         assert isinstance(module, SparseLinear)
-        return fn(
-            x,
-            module.values,
-            module.meta,
-            module.scales,
-            module.zeros,
-            module.bias,
-            pattern=module.pattern,
-            bits=module.bits,
-            in_features=module.in_features,
-            kept_per_row=module.kept_per_row,
-            group_size=module.group_size,
-        )
+        return module.run(fn, x)
 
     return call
 
