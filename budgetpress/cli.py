@@ -42,7 +42,7 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--workload", default="batch=1,context=512", help="KV-cache workload, e.g. batch=1,context=2048"
     )
-    search.add_argument("--strategy", default="tpe", choices=["tpe", "uniform"])
+    search.add_argument("--strategy", default="tpe", choices=["tpe", "evolution", "uniform"])
     search.add_argument("--trials", type=int, default=40, help="number of trials (evaluated plans)")
     search.add_argument("--storage", default=None, help="database URL (default: sqlite file in the working directory)")
     search.add_argument("--study", default=None, help="study name (default: a new, timestamped name)")

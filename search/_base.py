@@ -39,3 +39,12 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def tell(self, plan: Plan, outcome: Outcome) -> None:
         """Report the outcome of a plan that this strategy asked for."""
+
+    def fidelity(self, plan: Plan) -> int | None:
+        """The token budget at which ``plan``, just returned by ``ask``, is to be evaluated.
+
+        None (the default) means the whole split. The controller calls this once per asked plan,
+        right after ``ask`` and before any ``tell``, so a multi-fidelity strategy answers from the
+        state of the stage it is asking for; single-fidelity strategies need not override it.
+        """
+        return None

@@ -2,13 +2,19 @@
 
 Plans are dispatched in batches of the pool's size and told back in the order they were asked,
 so a search with a given seed asks the same plans however the workers interleave.
+
+Multi-fidelity: a strategy names the token budget for each plan it asks (``Strategy.fidelity``);
+the controller evaluates a batch in one call per fidelity. Every evaluation is its own trial with
+its fidelity recorded, so one plan evaluated at two fidelities is two trials, kept apart.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import optuna
 import sqlalchemy.exc
@@ -19,7 +25,15 @@ from budgetpress.space import ModelProfile, Plan, Workload, plan_bytes
 
 logger = logging.getLogger(__name__)
 
-Evaluate = Callable[[Sequence[Plan]], list[Outcome]]
+
+class Evaluate(Protocol):
+    """Evaluates plans, outcomes in their order; ``max_tokens`` caps the tokens each scores.
+
+    The controller passes ``max_tokens`` only for a fidelity other than the whole split, so a
+    callable that takes just the plans serves every single-fidelity strategy.
+    """
+
+    def __call__(self, plans: Sequence[Plan], *, max_tokens: int | None = None) -> list[Outcome]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,17 +80,16 @@ class Controller:
 
     def _run_batch(self, plans: list[Plan]) -> list[TrialRecord]:
         opened: list[tuple[Plan, optuna.Trial, int]] = []
+        fidelities: list[int | None] = []
         for plan in plans:
             memory = plan_bytes(self._profile, plan, self._workload)
-            opened.append((plan, self._ledger.open(plan, memory_bytes=memory, strategy=self._strategy.name), memory))
-        feasible = [plan for plan, _, memory in opened if memory <= self._ledger.budget_bytes]
-        outcomes = iter(self._evaluate(feasible) if feasible else [])
+            fidelity = self._strategy.fidelity(plan)
+            trial = self._ledger.open(plan, memory_bytes=memory, strategy=self._strategy.name, fidelity=fidelity)
+            opened.append((plan, trial, memory))
+            fidelities.append(fidelity)
+        outcomes = self._dispatch([(plan, memory) for plan, _, memory in opened], fidelities)
         records = []
-        for plan, trial, memory in opened:
-            if memory > self._ledger.budget_bytes:
-                outcome = Outcome(failure=f"plan needs {memory} bytes, over the budget of {self._ledger.budget_bytes}")
-            else:
-                outcome = next(outcomes)
+        for (plan, trial, memory), outcome in zip(opened, outcomes, strict=True):
             self._ledger.close(trial, outcome)
             self._strategy.tell(plan, outcome)
             record = TrialRecord(number=trial.number, plan=plan, memory_bytes=memory, outcome=outcome)
@@ -84,6 +97,27 @@ class Controller:
             if self._on_trial is not None:
                 self._on_trial(record)
         return records
+
+    def _dispatch(self, plans: list[tuple[Plan, int]], fidelities: list[int | None]) -> list[Outcome]:
+        """Outcomes in the order of ``plans``: over-budget plans refused, the rest evaluated in one
+        call per fidelity (in order of first appearance, so the calls are reproducible)."""
+        budget = self._ledger.budget_bytes
+        outcomes: list[Outcome | None] = [None] * len(plans)
+        by_fidelity: dict[int | None, list[int]] = {}
+        for index, ((_, memory), fidelity) in enumerate(zip(plans, fidelities, strict=True)):
+            if memory > budget:
+                outcomes[index] = Outcome(failure=f"plan needs {memory} bytes, over the budget of {budget}")
+            else:
+                by_fidelity.setdefault(fidelity, []).append(index)
+        for fidelity, indices in by_fidelity.items():
+            batch = [plans[i][0] for i in indices]
+            # Full fidelity calls evaluate(plans) exactly as before fidelities existed.
+            results = self._evaluate(batch) if fidelity is None else self._evaluate(batch, max_tokens=fidelity)
+            if len(results) != len(batch):
+                raise RuntimeError(f"the evaluator returned {len(results)} outcomes for {len(batch)} plans")
+            for index, outcome in zip(indices, results, strict=True):
+                outcomes[index] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
 
 
 def open_study(*, storage: str, name: str, seed: int, strategy: str) -> optuna.Study:
@@ -105,6 +139,25 @@ def open_study(*, storage: str, name: str, seed: int, strategy: str) -> optuna.S
 
 
 def best_plan(study: optuna.Study) -> tuple[Plan, optuna.trial.FrozenTrial]:
-    """The feasible complete trial with the lowest objective, and its plan."""
-    trial = study.best_trial
+    """The feasible complete trial with the lowest objective at the highest fidelity, and its plan.
+
+    Objectives at different fidelities are measured on different numbers of tokens and do not
+    compare (a low-fidelity KL is noisier, and can be lucky), so only trials at one fidelity
+    compete: the full-fidelity ones (``fidelity`` None or absent: the whole split) when any exist,
+    else those at the largest token budget evaluated. Ties go to the earlier trial.
+    """
+    trials = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if t.value is not None and all(v <= 0 for v in (t.constraints or {}).values())
+    ]
+    if not trials:
+        raise ValueError(f"study {study.study_name!r} has no feasible complete trial")
+    top = max(_fidelity_rank(t) for t in trials)
+    trial = min((t for t in trials if _fidelity_rank(t) == top), key=lambda t: (t.value, t.number))
     return Plan.from_json(trial.user_attrs["plan_json"]), trial
+
+
+def _fidelity_rank(trial: optuna.trial.FrozenTrial) -> float:
+    fidelity = trial.user_attrs.get("fidelity")
+    return math.inf if fidelity is None else float(fidelity)

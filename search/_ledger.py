@@ -33,8 +33,12 @@ class Ledger:
         """Register a trial that a strategy opened itself (TPE) as the one for ``plan``."""
         self._pending[plan.key].append(trial)
 
-    def open(self, plan: Plan, *, memory_bytes: int, strategy: str) -> optuna.Trial:
-        """The trial for ``plan``: the one a strategy adopted, else a new one with the plan's params."""
+    def open(self, plan: Plan, *, memory_bytes: int, strategy: str, fidelity: int | None = None) -> optuna.Trial:
+        """The trial for ``plan``: the one a strategy adopted, else a new one with the plan's params.
+
+        ``fidelity`` is the token budget the plan is to be evaluated at (None: the whole split); it
+        is recorded now so that a trial whose evaluation fails still says which fidelity it was.
+        """
         queue = self._pending.get(plan.key)
         if queue:
             trial = queue.popleft()
@@ -49,6 +53,7 @@ class Ledger:
         trial.set_user_attr("memory_bytes", memory_bytes)
         trial.set_user_attr("budget_bytes", self.budget_bytes)
         trial.set_user_attr("strategy", strategy)
+        trial.set_user_attr("fidelity", fidelity)
         trial.set_constraint(MEMORY_CONSTRAINT, float(memory_bytes - self.budget_bytes))
         return trial
 

@@ -24,8 +24,10 @@ from budgetpress.evaluators import (
     resolve_model,
 )
 from budgetpress.search import (
+    STRATEGIES,
     Controller,
     CostedSpace,
+    EvolutionaryStrategy,
     Ledger,
     Strategy,
     TPEStrategy,
@@ -217,7 +219,15 @@ def _make_strategy(
         )
     if request.strategy == "uniform":
         return UniformStrategy(costed=costed, budget_bytes=budget_bytes)
-    raise ValueError(f"unknown strategy {request.strategy!r}; accepted: tpe, uniform")
+    if request.strategy == "evolution":
+        return EvolutionaryStrategy(
+            costed=costed,
+            budget_bytes=budget_bytes,
+            seed=request.seed,
+            study=ledger.study,
+            initial_plans=[uniform_plan],
+        )
+    raise ValueError(f"unknown strategy {request.strategy!r}; accepted: {', '.join(STRATEGIES)}")
 
 
 def _heldout(pool: WorkerPool, plans: list[Plan]) -> list[Result]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 
 from budgetpress.search import CostedSpace, Outcome
@@ -57,25 +59,54 @@ def synthetic_kl(plan: Plan) -> float:
     return total
 
 
+# Tokens in the synthetic calibration split; an evaluation at ``max_tokens`` scores at most these.
+FULL_TOKENS = 4096
+# Relative spread of the KL measured on one token: sqrt(tokens) of them shrink it like a mean does.
+NOISE_PER_TOKEN = 4.0
+
+
+def noisy_kl(plan: Plan, max_tokens: int | None) -> float:
+    """``synthetic_kl`` as measured on ``max_tokens`` tokens: exact on the whole split, otherwise off
+    by a factor exp(σ·z) with σ shrinking like 1/sqrt(tokens) and z fixed by (plan, tokens), so
+    that a re-evaluation at the same fidelity repeats and low fidelities can mis-rank plans."""
+    exact = synthetic_kl(plan)
+    if max_tokens is None or max_tokens >= FULL_TOKENS:
+        return exact
+    digest = hashlib.sha256(f"{plan.key}:{max_tokens}".encode()).digest()
+    z = float(np.random.default_rng(int.from_bytes(digest[:8], "big")).standard_normal())
+    return exact * math.exp(NOISE_PER_TOKEN / math.sqrt(max_tokens) * z)
+
+
 class SyntheticEvaluator:
-    """Evaluates plans with ``synthetic_kl``; can be told to fail or return NaN for some plans."""
+    """Evaluates plans with ``noisy_kl``; can be told to fail or return NaN for some plans.
+
+    Records every plan (``seen``), the fidelity it was asked at (``fidelities``), and each call's
+    fidelity and plans (``batches``).
+    """
 
     def __init__(self, *, fail_every: int = 0, nan_every: int = 0) -> None:
         self.calls = 0
         self.seen: list[Plan] = []
+        self.fidelities: list[int | None] = []
+        self.batches: list[tuple[int | None, list[Plan]]] = []
         self._fail_every = fail_every
         self._nan_every = nan_every
 
-    def __call__(self, plans: Sequence[Plan]) -> list[Outcome]:
+    def __call__(self, plans: Sequence[Plan], *, max_tokens: int | None = None) -> list[Outcome]:
+        self.batches.append((max_tokens, list(plans)))
         outcomes = []
         for plan in plans:
             self.calls += 1
             self.seen.append(plan)
+            self.fidelities.append(max_tokens)
             if self._fail_every and self.calls % self._fail_every == 0:
                 outcomes.append(Outcome(failure="synthetic failure"))
                 continue
-            kl = float("nan") if self._nan_every and self.calls % self._nan_every == 0 else synthetic_kl(plan)
-            outcomes.append(Outcome(result=Result(kl=kl, ppl=math.exp(kl), memory_bytes=0, tokens=1, seconds=0.0)))
+            nan = self._nan_every and self.calls % self._nan_every == 0
+            kl = float("nan") if nan else noisy_kl(plan, max_tokens)
+            tokens = FULL_TOKENS if max_tokens is None else min(max_tokens, FULL_TOKENS)
+            result = Result(kl=kl, ppl=math.exp(kl), memory_bytes=0, tokens=tokens, seconds=0.0, fidelity=max_tokens)
+            outcomes.append(Outcome(result=result))
         return outcomes
 
 

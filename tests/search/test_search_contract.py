@@ -11,6 +11,8 @@ from budgetpress.search import (
     MEMORY_CONSTRAINT,
     Controller,
     CostedSpace,
+    EvolutionaryStrategy,
+    IntegerProgramStrategy,
     Ledger,
     Strategy,
     TPEStrategy,
@@ -33,7 +35,25 @@ def _uniform(ledger: Ledger, costed: CostedSpace, budget: int, seed: int) -> Str
     return UniformStrategy(costed=costed, budget_bytes=budget)
 
 
-FACTORIES = {"tpe": _tpe, "uniform": _uniform}
+def _evolution(ledger: Ledger, costed: CostedSpace, budget: int, seed: int) -> Strategy:
+    # Small stages, so that a contract run of 16 trials goes through several generations.
+    return EvolutionaryStrategy(
+        costed=costed,
+        budget_bytes=budget,
+        seed=seed,
+        study=ledger.study,
+        offspring=4,
+        stages=((64, 2), (None, 1)),
+        n_random_starts=4,
+    )
+
+
+def _integer(ledger: Ledger, costed: CostedSpace, budget: int, seed: int) -> Strategy:
+    # 16 trials are all measurements (65 here); its solved plans are checked in its own tests.
+    return IntegerProgramStrategy(costed=costed, budget_bytes=budget, seed=seed, study=ledger.study)
+
+
+FACTORIES = {"tpe": _tpe, "uniform": _uniform, "evolution": _evolution, "integer": _integer}
 
 
 def _run(

@@ -1,0 +1,334 @@
+"""Integer programming on measured sensitivities: measure how much each group's choices cost in
+quality on their own, then solve the multiple-choice knapsack under the budget exactly.
+
+Phase 1 (measure) asks one plan per group and non-base choice: a *base* plan with only that group
+changed. Its fitness minus the base's is the sensitivity ``s[g][c]`` (0 at the base's own choice).
+Phase 2 solves ``min sum s[g][x_g]`` subject to the plan's bytes fitting the budget with
+:func:`solve_mckp` (HiGHS), takes the optimum and the next-best distinct plans (no-good cuts), and
+asks them, so the controller verifies them by real evaluation. Then the strategy is exhausted.
+If errors add up, the optimum is the best plan in the space; where they do not (LLMs), it is a
+strong start for a local search such as evolution.
+
+Measuring under a tight budget: the textbook sensitivity is the error with only that group
+compressed (the dense model otherwise), but such a plan weighs nearly as much as the dense model,
+over any useful budget, and the controller refuses every plan over the budget without evaluating
+it. So the base is the dearest *level* plan (each group at the same fraction of its choices,
+ordered by cost) from which every single-group change that can appear in a feasible plan still
+fits. The cheapest plan is always such a base, and dense is the base whenever it fits. For
+additive errors the base does not matter (it shifts each group's values by a constant, which
+changes no argmin); for real models a base near the budget measures near the operating point.
+
+Restart: every measurement is an ordinary trial (plan JSON and key, fidelity, split as user
+attributes), so ``resume_from`` rebuilds the table from a study's complete trials and asks only
+what is missing. The solved plans are written to the study as user attribute
+``integer_program.solutions``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+
+from budgetpress.search._base import Outcome, Strategy
+from budgetpress.search._budget import CostedSpace
+from budgetpress.search._mckp import solve_mckp
+from budgetpress.space import Plan, Split
+
+logger = logging.getLogger(__name__)
+
+SOLUTIONS_ATTR = "integer_program.solutions"
+# Every sensitivity is relative to the base: one lost evaluation of it would waste all the others.
+_BASE_ATTEMPTS = 2
+_MEASURE, _VERIFY, _DONE = "measure", "verify", "done"
+
+
+class IntegerProgramStrategy(Strategy):
+    """Measures single-group sensitivities, then asks the ``n_solutions`` best plans of the knapsack.
+
+    ``measure_fidelity`` is the token budget of the measurements (None: the whole split); the
+    solved plans are always verified on the whole split. ``time_limit`` bounds the solver (seconds;
+    past it the best plans found are used, with a warning). ``study`` receives the solved plans
+    (user attribute ``integer_program.solutions``); ``resume_from`` is a study whose complete
+    trials already measured some plans, which are then not asked again. ``seed`` is accepted like
+    every strategy's, but nothing here is random: plans are asked in the groups' and choices' order.
+    ``ask`` raises if called while asked plans are still untold: a phase ends when all are told.
+    After it, ``solutions`` holds (plan, predicted fitness) best first and ``verified`` the
+    fitness each got on the whole split (None: its evaluation failed).
+    """
+
+    name = "integer"
+
+    def __init__(
+        self,
+        *,
+        costed: CostedSpace,
+        budget_bytes: int,
+        seed: int,
+        n_solutions: int = 4,
+        measure_fidelity: int | None = None,
+        study: optuna.Study | None = None,
+        resume_from: optuna.Study | None = None,
+        time_limit: float | None = 60.0,
+    ) -> None:
+        if n_solutions < 1:
+            raise ValueError(f"n_solutions must be at least 1; got {n_solutions}")
+        if costed.cheapest_bytes() > budget_bytes:
+            raise ValueError(
+                f"no plan fits {budget_bytes} bytes: the smallest possible plan needs {costed.cheapest_bytes()}"
+            )
+        self._costed = costed
+        self._budget = budget_bytes
+        self._seed = seed
+        self._n_solutions = n_solutions
+        self._fidelity = measure_fidelity
+        self._study = study
+        self._time_limit = time_limit
+        self._base = measurement_base(costed, budget_bytes)
+        self._base_plan = costed.space.plan_from_choices(self._base)
+        self._base_fitness: float | None = None
+        self._base_attempts = 0
+        self._base_estimated = False
+        self._targets: dict[str, tuple[str, int]] = {}  # measurement plan key -> (group, choice)
+        self._measured: dict[tuple[str, int], float] = {}  # fitness of the base with one group changed
+        self._excluded: dict[tuple[str, int], str] = {}
+        self._phase = _MEASURE
+        self._queue: list[Plan] = []
+        self._outstanding: set[str] = set()
+        self.solutions: list[tuple[Plan, float]] = []
+        self.verified: dict[str, float | None] = {}
+        self._known = _known_fitness(resume_from) if resume_from is not None else {}
+        self._plan_measurements(self._known)
+
+    @property
+    def base(self) -> Plan:
+        """The plan every sensitivity is measured from."""
+        return self._base_plan
+
+    @property
+    def base_fitness(self) -> float | None:
+        return self._base_fitness
+
+    @property
+    def sensitivity(self) -> dict[str, list[float | None]]:
+        """Per group, per choice: the fitness change from the base (0 at the base's own choice);
+        None where not measured (yet), failed, or unreachable within the budget (see ``excluded``)."""
+        table: dict[str, list[float | None]] = {}
+        for group in self._costed.groups:
+            row: list[float | None] = []
+            for choice in range(len(self._costed.space.choices(group))):
+                row.append(self._value(group, choice))
+            table[group] = row
+        return table
+
+    @property
+    def excluded(self) -> dict[tuple[str, int], str]:
+        """Choices left out of the knapsack, with the reason."""
+        return dict(self._excluded)
+
+    def ask(self, n: int) -> list[Plan]:
+        if self._outstanding:
+            raise RuntimeError(
+                f"ask() called with {len(self._outstanding)} asked plan(s) not yet told; tell them first"
+            )
+        if self._phase == _MEASURE and not self._queue:
+            self._solve()
+        if self._phase == _VERIFY and not self._queue:
+            self._phase = _DONE
+        asked, self._queue = self._queue[:n], self._queue[n:]
+        self._outstanding.update(plan.key for plan in asked)
+        return asked
+
+    def fidelity(self, plan: Plan) -> int | None:
+        return self._fidelity if self._phase == _MEASURE else None
+
+    def tell(self, plan: Plan, outcome: Outcome) -> None:
+        if plan.key not in self._outstanding:
+            raise ValueError(f"plan {plan.key[:12]} was not asked, or was told already")
+        self._outstanding.remove(plan.key)
+        if self._phase == _VERIFY:
+            self.verified[plan.key] = outcome.fitness
+            self._persist()
+        else:
+            self._record(plan, outcome)
+
+    def _plan_measurements(self, known: Mapping[tuple[str, int | None], float]) -> None:
+        """Queue the base and every reachable single-group change, minus those ``known`` at the fidelity."""
+        costed, space = self._costed, self._costed.space
+        self._base_fitness = known.get((self._base_plan.key, self._fidelity))
+        plans = [] if self._base_fitness is not None else [self._base_plan]
+        slack = self._budget - costed.cheapest_bytes()
+        for group in costed.groups:
+            lowest = min(costed.cost(group, c) for c in range(len(space.choices(group))))
+            for choice in range(len(space.choices(group))):
+                if choice == self._base[group]:
+                    continue
+                if costed.cost(group, choice) - lowest > slack:
+                    self._excluded[(group, choice)] = "fits the budget in no plan"
+                    continue
+                plan = space.plan_from_choices({**self._base, group: choice})
+                self._targets[plan.key] = (group, choice)
+                if (plan.key, self._fidelity) in known:
+                    self._measured[(group, choice)] = known[(plan.key, self._fidelity)]
+                else:
+                    plans.append(plan)
+        self._queue = plans
+        logger.info(
+            "integer program: %d measurement(s) to ask, %d known from the study, %d choice(s) unreachable",
+            len(plans),
+            len(self._measured) + (self._base_fitness is not None),
+            len(self._excluded),
+        )
+
+    def _record(self, plan: Plan, outcome: Outcome) -> None:
+        fitness = outcome.fitness
+        reason = outcome.failure or f"non-finite result {outcome.result}"
+        if plan.key == self._base_plan.key:
+            self._base_attempts += 1
+            if fitness is not None:
+                self._base_fitness = fitness
+            elif self._base_attempts < _BASE_ATTEMPTS:
+                logger.warning("integer program: the base plan failed (%s); asking it once more", reason)
+                self._queue.append(plan)
+            else:
+                logger.warning("integer program: the base plan failed again (%s)", reason)
+            return
+        group, choice = self._targets[plan.key]
+        if fitness is None:
+            label = self._costed.space.choices(group)[choice].label()
+            logger.warning("integer program: excluding %s at %s: its measurement failed (%s)", group, label, reason)
+            self._excluded[(group, choice)] = f"measurement failed: {reason}"
+        else:
+            self._measured[(group, choice)] = fitness
+
+    def _value(self, group: str, choice: int) -> float | None:
+        if self._base_fitness is None:
+            return None
+        if choice == self._base[group]:
+            return 0.0
+        measured = self._measured.get((group, choice))
+        return None if measured is None else measured - self._base_fitness
+
+    def _solve(self) -> None:
+        """Solve the knapsack on the table and queue its plans for verification."""
+        self._phase = _VERIFY
+        if self._base_fitness is None:
+            self._base_fitness = self._estimated_base_fitness()
+            self._base_estimated = True
+            if self._base_fitness is None:
+                logger.error("integer program: no measurement succeeded; nothing to solve")
+                return
+        costed = self._costed
+        costs, values = [], []
+        for group in costed.groups:
+            n_choices = len(costed.space.choices(group))
+            costs.append([costed.cost(group, c) for c in range(n_choices)])
+            values.append([_or_inf(self._value(group, c)) for c in range(n_choices)])
+        capacity = self._budget - costed.bytes_of({})
+        found = solve_mckp(costs, values, capacity, n_solutions=self._n_solutions, time_limit=self._time_limit)
+        for picked, total in found:
+            choices = dict(zip(costed.groups, picked, strict=True))
+            if costed.bytes_of(choices) > self._budget:  # solve_mckp checks in integers; this is a bug
+                raise RuntimeError(f"the knapsack returned a plan of {costed.bytes_of(choices)} bytes")
+            self.solutions.append((costed.space.plan_from_choices(choices), self._base_fitness + total))
+        self._queue = self._unverified()
+        self._persist()
+        logger.info(
+            "integer program: %d plan(s) solved, predicted fitness %s",
+            len(self.solutions),
+            ", ".join(f"{p:.4g}" for _, p in self.solutions),
+        )
+
+    def _estimated_base_fitness(self) -> float | None:
+        """The base's fitness when it could not be measured: an upgrade from the base is no worse
+        than it and a downgrade no better, so the worst upgrade (else the best downgrade) bounds it."""
+        costed = self._costed
+        upgrades: list[float] = []
+        downgrades: list[float] = []
+        for (group, choice), fitness in self._measured.items():
+            dearer = costed.cost(group, choice) > costed.cost(group, self._base[group])
+            (upgrades if dearer else downgrades).append(fitness)
+        estimate = max(upgrades) if upgrades else min(downgrades) if downgrades else None
+        if estimate is not None:
+            logger.warning(
+                "integer program: the base plan could not be measured; estimating its fitness as %g", estimate
+            )
+        return estimate
+
+    def _unverified(self) -> list[Plan]:
+        """The solved plans not yet evaluated on the whole split (a whole-split measurement counts)."""
+        plans = []
+        for plan, _ in self.solutions:
+            known = self._known.get((plan.key, None))
+            if known is None and self._fidelity is None:
+                measured = plan.key == self._base_plan.key and not self._base_estimated
+                known = self._base_fitness if measured else None
+                if plan.key in self._targets:
+                    known = self._measured.get(self._targets[plan.key])
+            if known is not None:
+                self.verified[plan.key] = known
+            else:
+                plans.append(plan)
+        return plans
+
+    def _persist(self) -> None:
+        if self._study is None:
+            return
+        record: dict[str, Any] = {
+            "base_key": self._base_plan.key,
+            "base_fitness": self._base_fitness,
+            "measure_fidelity": self._fidelity,
+            "solutions": [
+                {"plan_key": plan.key, "predicted": predicted, "verified": self.verified.get(plan.key)}
+                for plan, predicted in self.solutions
+            ],
+        }
+        self._study.set_user_attr(SOLUTIONS_ATTR, record)
+
+
+def measurement_base(costed: CostedSpace, budget_bytes: int) -> dict[str, int]:
+    """The dearest level plan from which every single-group change that fits in some plan fits.
+
+    Level ``t`` puts each group at the choice a fraction ``t`` along its choices ordered by cost;
+    ``t = 1`` is the dearest (dense) plan, ``t = 0`` the cheapest, which always qualifies.
+    """
+    orders = {g: costed.ordered(g) for g in costed.groups}
+    steps = max(len(order) for order in orders.values()) - 1
+    for step in range(steps, -1, -1):
+        fraction = step / steps if steps else 0.0
+        base = {g: order[math.floor(fraction * (len(order) - 1))] for g, order in orders.items()}
+        if _covers(costed, base, budget_bytes):
+            return base
+    raise ValueError(f"no plan fits {budget_bytes} bytes: the smallest possible plan needs {costed.cheapest_bytes()}")
+
+
+def _covers(costed: CostedSpace, base: Mapping[str, int], budget_bytes: int) -> bool:
+    total = costed.bytes_of(base)
+    if total > budget_bytes:
+        return False
+    slack = budget_bytes - costed.cheapest_bytes()
+    for group, order in ((g, costed.ordered(g)) for g in costed.groups):
+        reachable = [c for c in order if costed.cost(group, c) - costed.cost(group, order[0]) <= slack]
+        if total - costed.cost(group, base[group]) + costed.cost(group, reachable[-1]) > budget_bytes:
+            return False
+    return True
+
+
+def _known_fitness(study: optuna.Study) -> dict[tuple[str, int | None], float]:
+    """Fitness by (plan key, fidelity) of a study's complete calibration trials."""
+    known: dict[tuple[str, int | None], float] = {}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        attrs = trial.user_attrs
+        if "plan_json" not in attrs or trial.value is None:
+            continue
+        if attrs.get("split", Split.CALIBRATION.value) != Split.CALIBRATION.value:
+            continue
+        known[(Plan.from_json(attrs["plan_json"]).key, attrs.get("fidelity"))] = float(trial.value)
+    return known
+
+
+def _or_inf(value: float | None) -> float:
+    return math.inf if value is None else value
