@@ -19,13 +19,13 @@ from budgetpress.workers import SearchRequest, run_search
 from ..conftest import POSTGRES_URL
 
 
-def _request(model_dir: Path, storage: str, seed: int = 3) -> SearchRequest:
+def _request(model_dir: Path, storage: str, seed: int = 3, strategy: str = "tpe", n_trials: int = 6) -> SearchRequest:
     return SearchRequest(
         model=str(model_dir),
         budget=Budget.parse("60%"),
         workload=Workload(context=128),
-        strategy="tpe",
-        n_trials=6,
+        strategy=strategy,
+        n_trials=n_trials,
         storage=storage,
         study_name=f"test-{uuid.uuid4().hex[:8]}",
         n_workers=2,
@@ -55,6 +55,20 @@ def test_search_is_recorded_and_reproducible(tmp_path: Path, micro_model_dir: Pa
     assert first.best.plan.key == second.best.plan.key
     assert first.best.kl == second.best.kl
     assert first.best.kl <= first.uniform.kl
+
+
+def test_evolution_runs_through_real_workers_at_several_fidelities(tmp_path: Path, micro_model_dir: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'evolution.db'}"
+    # Eight random starts screened at the first stage's fidelity, then survivors at the next.
+    report = run_search(_request(micro_model_dir, storage, strategy="evolution", n_trials=14))
+    _check_study(storage, report.request.study_name, 14, report.budget_bytes)
+    study = optuna.load_study(study_name=report.request.study_name, storage=storage)
+    fidelities = {trial.user_attrs["fidelity"] for trial in study.trials}
+    assert len(fidelities) > 1  # offspring are screened on few tokens first
+    # The best plan is the best at full fidelity (None) if any trial has it, else at the largest budget.
+    top = None if None in fidelities else max(fidelities)
+    at_top = [t for t in study.trials if t.user_attrs["fidelity"] == top]
+    assert report.best.plan.key == min(at_top, key=lambda t: t.value).user_attrs["plan_key"]
 
 
 def _postgres_reachable() -> bool:
