@@ -222,7 +222,11 @@ class PlanKVLayer(CacheLayerMixin):
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a PlanKVLayer cannot be cropped: quantized and evicted tokens cannot be restored")
+        # is_croppable is False, so transformers never asks; a direct call gets a clear refusal.
+        raise ValueError(
+            "a PlanKVLayer cannot be cropped (quantized and evicted tokens cannot be restored); "
+            "use a DynamicCache for assisted or speculative decoding"
+        )
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         self.batch_select_indices(beam_idx)

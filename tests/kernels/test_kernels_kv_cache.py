@@ -499,3 +499,13 @@ def test_reference_decode_attention_equals_sdpa_on_dequantized_states(bits: int)
     # On the CPU the dispatching op is the reference.
     dispatched = quantized_decode_attention(query, quantized, full_keys, full_values, scaling=0.125, key_mask=key_mask)
     assert torch.equal(dispatched, got)
+
+
+def test_cropping_is_refused_clearly() -> None:
+    from budgetpress.kernels import PlanKVCache
+    from budgetpress.space import KVSetting
+
+    cache = PlanKVCache([KVSetting(bits=4)])
+    assert not cache.layers[0].is_croppable
+    with pytest.raises(ValueError, match="cannot be cropped"):
+        cache.layers[0].crop(1)
