@@ -55,7 +55,6 @@ from budgetpress.evaluators._store import (
     StoreReport,
     calibration_key,
     model_key,
-    uses_stats,
 )
 
 __all__ = [
@@ -121,6 +120,5 @@ __all__ = [
     "svd_llm_low_rank",
     "svd_low_rank",
     "train_builtin",
-    "uses_stats",
     "variant_weight",
 ]

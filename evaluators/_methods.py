@@ -89,7 +89,18 @@ class Methods:
         return self.bits
 
     def needs_stats(self, setting: LinearSetting) -> bool:
-        return not setting.is_dense and self.for_setting(setting) in _NEEDS_STATS
+        """Whether ``setting``'s variant reads calibration statistics under these methods.
+
+        Beyond the methods that need them, magnitude pruning quantizes its kept weights GPTQ-style
+        exactly when the bits method is GPTQ, so a variant never depends on whether statistics
+        happened to be at hand.
+        """
+        if setting.is_dense:
+            return False
+        method = self.for_setting(setting)
+        if method is SparsityMethod.MAGNITUDE:
+            return setting.bits != 16 and self.bits is BitsMethod.GPTQ
+        return method in _NEEDS_STATS
 
 
 def compress_weight(
@@ -99,7 +110,9 @@ def compress_weight(
     if setting.is_dense:
         raise ValueError("a dense setting has no compressed variant; keep the nn.Linear")
     method = methods.for_setting(setting)
-    if method in _NEEDS_STATS and stats is None:
+    if not methods.needs_stats(setting):
+        stats = None
+    elif stats is None:
         raise ValueError(f"method {method.value!r} needs calibration statistics of the unit's inputs")
     return _RUNNERS[method](weight.detach().float(), setting, stats)
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from budgetpress.evaluators._calibration import InputStats, collect_input_stats
-from budgetpress.evaluators._methods import BitsMethod, Methods, SparsityMethod, compress_weight, pack_variant
+from budgetpress.evaluators._methods import Methods, SparsityMethod, compress_weight, pack_variant
 from budgetpress.kernels import module_from_tensors, module_tensors
 from budgetpress.space import LinearSetting, Plan
 
@@ -127,25 +127,9 @@ def _hash_state(digest: Any, model: nn.Module) -> None:
         digest.update(flat.view(torch.uint8).numpy().tobytes())
 
 
-def uses_stats(methods: Methods, setting: LinearSetting) -> bool:
-    """Whether ``setting``'s variant reads calibration statistics under ``methods``.
-
-    Beyond the methods that need them, magnitude pruning quantizes its kept weights GPTQ-style when
-    given statistics: the store gives them exactly when the bits method is GPTQ, so an entry never
-    depends on what else was built beside it.
-    """
-    if methods.needs_stats(setting):
-        return True
-    return (
-        methods.for_setting(setting) is SparsityMethod.MAGNITUDE
-        and setting.bits != 16
-        and methods.bits is BitsMethod.GPTQ
-    )
-
-
 def _method_label(methods: Methods, setting: LinearSetting) -> str:
     method = methods.for_setting(setting)
-    if method is SparsityMethod.MAGNITUDE and uses_stats(methods, setting):
+    if method is SparsityMethod.MAGNITUDE and methods.needs_stats(setting):
         # The kept weights' quantizer is part of how this entry was made.
         return f"{method.value}+{methods.bits.value}"
     return method.value
@@ -186,7 +170,7 @@ class LevelStore:
 
     def entry_key(self, unit_key: str, setting: LinearSetting) -> dict[str, Any]:
         """The full key of a (unit, setting) entry, as written in its file's header."""
-        stats = uses_stats(self.methods, setting)
+        stats = self.methods.needs_stats(setting)
         return {
             "version": STORE_VERSION,
             "model": self.model_key,
@@ -247,7 +231,7 @@ class LevelStore:
     def _stats(
         self, model: PreTrainedModel, missing: Sequence[tuple[str, LinearSetting]], tokens: torch.Tensor | None
     ) -> dict[str, InputStats]:
-        needing = sorted({unit for unit, setting in missing if uses_stats(self.methods, setting)})
+        needing = sorted({unit for unit, setting in missing if self.methods.needs_stats(setting)})
         if not needing:
             return {}
         if tokens is None or self.calibration_key is None:
@@ -261,7 +245,7 @@ class LevelStore:
         return collect_input_stats(model, tokens, names=needing)
 
     def _write(self, unit: str, setting: LinearSetting, linear: nn.Linear, stats: InputStats | None) -> None:
-        unit_stats = stats if uses_stats(self.methods, setting) else None
+        unit_stats = stats if self.methods.needs_stats(setting) else None
         variant = compress_weight(linear.weight, setting, methods=self.methods, stats=unit_stats)
         bias = None if linear.bias is None else linear.bias.detach()
         tensors, metadata = module_tensors(pack_variant(variant, setting, bias=bias))
@@ -290,7 +274,7 @@ class LevelStore:
 
     def _load(self, unit_key: str, setting: LinearSetting) -> nn.Module:
         path = self.path(unit_key, setting)
-        if self.calibration_key is None and uses_stats(self.methods, setting):
+        if self.calibration_key is None and self.methods.needs_stats(setting):
             raise ValueError(
                 f"setting {setting.label()} of unit {unit_key!r} is made with calibration statistics "
                 f"({_method_label(self.methods, setting)}); open the store with its calibration_key"

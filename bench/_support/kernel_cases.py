@@ -86,24 +86,21 @@ def _quant_call(fn: Callable[..., torch.Tensor]) -> Callable[[torch.nn.Module, t
 def quant_cases(*, device: str, quick: bool) -> Iterator[Case]:
     from budgetpress.kernels import quant_gemv_triton, quant_matmul_triton
 
-    size, prefill_rows = timing_sizes(device, quick)
+    size = timing_sizes(device, quick)[0]
     for bits in (2, 3, 4, 8):
         small = quant_module(96, 200, bits=bits, group_size=64, seed=bits)
         big = quant_module(size, size, bits=bits, group_size=BENCH_GROUP, seed=bits).to(device)
-        for decode, rows in ((True, 1), (False, prefill_rows)):
-            yield _linear_case(
-                op_format="quant",
-                bits=bits,
-                decode=decode,
-                size=size,
-                rows=rows,
-                device=device,
-                small=small,
-                big=big,
-                setting=LinearSetting(bits=bits, group_size=BENCH_GROUP),
-                reference=_quant_call(quant_linear_reference),
-                triton=_quant_call(quant_gemv_triton if decode else quant_matmul_triton),
-            )
+        yield from _decode_and_prefill(
+            op_format="quant",
+            bits=bits,
+            device=device,
+            quick=quick,
+            small=small,
+            big=big,
+            setting=LinearSetting(bits=bits, group_size=BENCH_GROUP),
+            reference=_quant_call(quant_linear_reference),
+            triton=lambda decode: _quant_call(quant_gemv_triton if decode else quant_matmul_triton),
+        )
 
 
 def _linear_case(
@@ -144,6 +141,36 @@ def _linear_case(
     )
 
 
+def _decode_and_prefill(
+    *,
+    op_format: str,
+    bits: int,
+    device: str,
+    quick: bool,
+    small: torch.nn.Module,
+    big: torch.nn.Module,
+    setting: LinearSetting,
+    reference: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    triton: Callable[[bool], Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]],
+) -> Iterator[Case]:
+    """The op's decode case (one row) and prefill case; ``triton(decode)`` picks the kernel path."""
+    size, prefill_rows = timing_sizes(device, quick)
+    for decode, rows in ((True, 1), (False, prefill_rows)):
+        yield _linear_case(
+            op_format=op_format,
+            bits=bits,
+            decode=decode,
+            size=size,
+            rows=rows,
+            device=device,
+            small=small,
+            big=big,
+            setting=setting,
+            reference=reference,
+            triton=triton(decode),
+        )
+
+
 def sparse_module(out_features: int, in_features: int, setting: LinearSetting, *, seed: int) -> SparseLinear:
     weight = torch.randn(out_features, in_features, generator=_generator(seed)) * 0.02
     pruned = prune_magnitude(
@@ -165,7 +192,7 @@ def _sparse_call(fn: Callable[..., torch.Tensor]) -> Callable[[torch.nn.Module, 
 def sparse_cases(*, device: str, quick: bool) -> Iterator[Case]:
     from budgetpress.kernels._triton_sparse import sparse_linear_triton
 
-    size, prefill_rows = timing_sizes(device, quick)
+    size = timing_sizes(device, quick)[0]
     for pattern, sparsity in ((SparsityPattern.UNSTRUCTURED, 0.5), (SparsityPattern.SEMI_2_4, 0.5)):
         for bits in (16, 2, 3, 4, 8):
             group = None if bits == 16 else BENCH_GROUP
@@ -175,20 +202,17 @@ def sparse_cases(*, device: str, quick: bool) -> Iterator[Case]:
             )
             small = sparse_module(96, 200, small_setting, seed=bits)
             big = sparse_module(size, size, setting, seed=bits).to(device)
-            for decode, rows in ((True, 1), (False, prefill_rows)):
-                yield _linear_case(
-                    op_format=f"sparse-{pattern.value}",
-                    bits=bits,
-                    decode=decode,
-                    size=size,
-                    rows=rows,
-                    device=device,
-                    small=small,
-                    big=big,
-                    setting=setting,
-                    reference=_sparse_call(sparse_linear_reference),
-                    triton=_sparse_call(sparse_linear_triton),
-                )
+            yield from _decode_and_prefill(
+                op_format=f"sparse-{pattern.value}",
+                bits=bits,
+                device=device,
+                quick=quick,
+                small=small,
+                big=big,
+                setting=setting,
+                reference=_sparse_call(sparse_linear_reference),
+                triton=lambda _decode: _sparse_call(sparse_linear_triton),
+            )
 
 
 def low_rank_module(out_features: int, in_features: int, setting: LinearSetting, *, seed: int) -> LowRankLinear:
@@ -209,7 +233,7 @@ def _low_rank_call(fn: Callable[..., torch.Tensor]) -> Callable[[torch.nn.Module
 
 
 def low_rank_cases(*, device: str, quick: bool) -> Iterator[Case]:
-    size, prefill_rows = timing_sizes(device, quick)
+    size = timing_sizes(device, quick)[0]
     for bits in (16, 4, 8):
         group = None if bits == 16 else BENCH_GROUP
         setting = LinearSetting(bits=bits, group_size=group, rank=size // 8)
@@ -217,20 +241,17 @@ def low_rank_cases(*, device: str, quick: bool) -> Iterator[Case]:
             96, 200, LinearSetting(bits=bits, group_size=None if bits == 16 else 64, rank=24), seed=1
         )
         big = low_rank_module(size, size, setting, seed=bits).to(device)
-        for decode, rows in ((True, 1), (False, prefill_rows)):
-            yield _linear_case(
-                op_format=f"low-rank-r{size // 8}",
-                bits=bits,
-                decode=decode,
-                size=size,
-                rows=rows,
-                device=device,
-                small=small,
-                big=big,
-                setting=setting,
-                reference=_low_rank_call(low_rank_linear_reference),
-                triton=_low_rank_call(low_rank_linear_triton),
-            )
+        yield from _decode_and_prefill(
+            op_format=f"low-rank-r{size // 8}",
+            bits=bits,
+            device=device,
+            quick=quick,
+            small=small,
+            big=big,
+            setting=setting,
+            reference=_low_rank_call(low_rank_linear_reference),
+            triton=lambda _decode: _low_rank_call(low_rank_linear_triton),
+        )
 
 
 @dataclass(frozen=True)
