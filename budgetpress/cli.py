@@ -1,4 +1,5 @@
-"""The budgetpress command line: ``search``, ``model train-builtin`` and ``model info``.
+"""The budgetpress command line: ``search``, ``export``, ``model train-builtin``, ``model info``, and the
+service's ``serve``, ``runner`` and ``keys``.
 
 Bad input exits with code 2 and one line on stderr; with ``--json`` stdout holds only JSON.
 """
@@ -34,18 +35,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from budgetpress.search import STRATEGIES
+
     parser = _Parser(prog="budgetpress", description="Compression search for language models under a memory budget.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     search = commands.add_parser("search", help="search per-layer compression settings under a budget")
     search.add_argument("--model", default="builtin", help="'builtin', a local transformers directory, or a hub id")
-    search.add_argument("--budget", required=True, help="memory budget: '35%%' of dense, '6GiB', or bytes '1.5e9'")
+    search.add_argument(
+        "--budget",
+        required=True,
+        help="memory budget: '35%%' of dense, '6GiB', or bytes '1.5e9'; several, comma-separated "
+        "('25%%,30%%,40%%'), search each in one study that shares evaluations (a frontier search)",
+    )
     search.add_argument(
         "--workload", default="batch=1,context=512", help="KV-cache workload, e.g. batch=1,context=2048"
     )
-    search.add_argument("--strategy", default="tpe", choices=["tpe", "evolution", "uniform"])
-    search.add_argument("--trials", type=int, default=40, help="number of trials (evaluated plans)")
+    search.add_argument("--strategy", default="tpe", choices=list(STRATEGIES))
+    search.add_argument("--trials", type=int, default=40, help="number of trials (evaluated plans) per budget")
     search.add_argument("--storage", default=None, help="database URL (default: sqlite file in the working directory)")
     search.add_argument("--study", default=None, help="study name (default: a new, timestamped name)")
+    search.add_argument(
+        "--resume", action="store_true", help="continue the existing --study where it stopped (up to --trials)"
+    )
     search.add_argument("--workers", type=int, default=2, help="Ray workers evaluating plans in parallel")
     search.add_argument("--seed", type=int, default=0)
     search.add_argument(
@@ -89,7 +100,37 @@ def _build_parser() -> argparse.ArgumentParser:
     info = model.add_parser("info", help="describe a model")
     info.add_argument("name", help="'builtin' or a local directory")
     info.add_argument("--json", action="store_true")
+    _add_service_commands(commands)
+    _add_export_command(commands)
     return parser
+
+
+_STORAGE_HELP = "database URL (default: $BUDGETPRESS_DATABASE_URL, else budgetpress.db in the working directory)"
+
+
+def _add_service_commands(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="run the REST API and a job runner")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--storage", default=None, help=_STORAGE_HELP)
+    serve.add_argument("--no-runner", action="store_true", help="serve the API only (run `budgetpress runner` apart)")
+    serve.add_argument("--model-root", type=Path, default=None, help="local models jobs may name, relative to it")
+    serve.add_argument("--allow-hub-id", action="append", default=None, metavar="ID", help="a hub id jobs may name")
+    serve.add_argument("-v", "--verbose", action="store_true")
+    runner = commands.add_parser("runner", help="run a job runner alone (several may share a PostgreSQL queue)")
+    runner.add_argument("--storage", default=None, help=_STORAGE_HELP)
+    runner.add_argument("--model-root", type=Path, default=None)
+    runner.add_argument("--allow-hub-id", action="append", default=None, metavar="ID")
+    runner.add_argument("-v", "--verbose", action="store_true")
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(
+        dest="keys_command", required=True, parser_class=_Parser
+    )
+    create = keys.add_parser("create", help="make a key for a tenant; printed once, alone on the last line")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--storage", default=None, help=_STORAGE_HELP)
+    revoke = keys.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key")
+    revoke.add_argument("--storage", default=None, help=_STORAGE_HELP)
 
 
 def _default_storage() -> str:
@@ -100,15 +141,14 @@ def _default_study_name() -> str:
     return f"search-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
-def _plan_table(report: Any) -> str:
+def _plan_table(space: Any, plan: Any) -> str:
     """Per-layer allocation: one row per decoder layer, one column per linear role."""
     from budgetpress.space import LinearSetting, effective_bits
 
-    units = report.space.profile.linear_units
+    units = space.profile.linear_units
     roles = list(dict.fromkeys(u.role for u in units))
     width = max(8, *(len(r) for r in roles))
     lines = ["layer " + " ".join(f"{r:>{width}}" for r in roles) + f" {'avg bits':>9}  kv cache"]
-    plan = report.best.plan
     for layer in sorted({u.layer for u in units}):
         members = [u for u in units if u.layer == layer]
         cells = {u.role: plan.get(u.key) for u in members}
@@ -128,18 +168,23 @@ def _result_row(name: str, memory_bytes: int, kl: float, ppl: float) -> str:
 
 def _human_summary(report: Any) -> str:
     mib = 1024 * 1024
-    return "\n".join(
-        [
-            f"study {report.request.study_name} in {report.request.storage}",
-            f"budget {report.budget_bytes / mib:.3f} MiB of dense {report.dense_bytes / mib:.3f} MiB; "
-            f"{report.n_complete}/{report.n_trials} trials complete",
-            _plan_table(report),
+    lines = [
+        f"study {report.request.study_name} in {report.request.storage}",
+        f"dense {report.dense_bytes / mib:.3f} MiB; {report.n_complete}/{report.n_trials} trials complete",
+    ]
+    for budget in report.budgets:
+        lines += [
+            "",
+            f"budget {budget.budget} = {budget.budget_bytes / mib:.3f} MiB: best plan (trial {budget.best_trial})",
+            _plan_table(report.space, budget.best.plan),
             "held-out          memory MiB        KL       ppl",
-            _result_row("best plan", report.best.memory_bytes, report.best.kl, report.best.ppl),
-            _result_row("best uniform", report.uniform.memory_bytes, report.uniform.kl, report.uniform.ppl),
+            _result_row("best plan", budget.best.memory_bytes, budget.best.kl, budget.best.ppl),
+            _result_row("best uniform", budget.uniform.memory_bytes, budget.uniform.kl, budget.uniform.ppl),
             _result_row("dense", report.dense_bytes, 0.0, report.dense_ppl),
         ]
-    )
+    lines.append(f"\nPareto front (calibration KL): {len(report.pareto)} plans")
+    lines += [f"  trial {p.trial:>5} {p.memory_bytes / mib:>10.3f} MiB  KL {p.kl:.5g}" for p in report.pareto]
+    return "\n".join(lines)
 
 
 class _BarProgress:
@@ -180,7 +225,8 @@ def _cmd_search(args: argparse.Namespace) -> dict[str, Any]:
         methods=Methods.parse(args.method or SEARCH_METHODS).to_text(),
         store_root=str(args.store or default_store_root()),
         model=args.model,
-        budget=Budget.parse(args.budget),
+        budgets=tuple(Budget.parse(part) for part in args.budget.split(",")),
+        resume=args.resume,
         workload=Workload.parse(args.workload),
         strategy=args.strategy,
         n_trials=args.trials,
@@ -191,6 +237,8 @@ def _cmd_search(args: argparse.Namespace) -> dict[str, Any]:
         grouping=Grouping(args.grouping),
         text_files=tuple(args.text),
     )
+    if args.resume and not args.study:
+        raise UsageError("--resume needs --study NAME: the study to continue")
     report = run_search(request, _BarProgress(args.trials))
     if not args.json:
         print(_human_summary(report))
@@ -248,9 +296,99 @@ def _cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
+def _service_settings(args: argparse.Namespace) -> Any:
+    from budgetpress.api import ServiceSettings
+
+    hub_ids = getattr(args, "allow_hub_id", None)
+    return ServiceSettings.from_env(
+        database_url=args.storage,
+        model_root=getattr(args, "model_root", None),
+        allowed_hub_ids=tuple(hub_ids) if hub_ids else None,
+    )
+
+
+def _cmd_service(args: argparse.Namespace) -> dict[str, Any]:
+    from budgetpress import api
+
+    settings = _service_settings(args)
+    if args.command == "serve":
+        api.serve(settings, host=args.host, port=args.port, with_runner=not args.no_runner)
+    elif args.command == "runner":
+        api.run_runner(settings)
+    elif args.keys_command == "create":
+        key = api.new_key(settings, args.tenant)
+        print(f"API key for tenant {args.tenant!r} (shown once; keep it secret):")
+        print(key)
+    elif not api.drop_key(settings, args.key):
+        raise UsageError("no active key matches")
+    return {}
+
+
+def _add_export_command(commands: Any) -> None:
+    export = commands.add_parser("export", help="write a trial's plan as a checkpoint directory")
+    export.add_argument("--storage", default=None, help="database URL of the study (default: sqlite file here)")
+    export.add_argument("--study", required=True, help="the search's study name")
+    export.add_argument("--trial", default="best", help="'best' (default) or a trial number")
+    export.add_argument("--out", required=True, type=Path, help="a new directory to write")
+    export.add_argument("--format", default="native", choices=["native", "compressed-tensors"])
+    export.add_argument(
+        "--densify-sparse",
+        action="store_true",
+        help="compressed-tensors: store sparse units as dense weights with zeros where pruned",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
+    export.add_argument("--no-verify", action="store_true", help="skip reloading the export and measuring its KL again")
+    export.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    export.add_argument("-v", "--verbose", action="store_true")
+
+
+def _export_summary(number: int, args: argparse.Namespace, result: dict[str, Any]) -> str:
+    disk, model = result["weight_bytes_on_disk"], result["memory_model_weight_bytes"]
+    lines = [
+        f"exported trial {number} of study {args.study} as {result['format']} to {result['directory']}",
+        *(f"  {name:<24} {entry['bytes']:>12,} bytes" for name, entry in result["files"].items()),
+        f"weights on disk {disk:,} bytes; memory model {model:,} bytes ({disk / model - 1:+.2%})",
+    ]
+    if result["reloaded_kl"] is not None:
+        lines.append(
+            f"KL of the reloaded export {result['reloaded_kl']:.9g}; the trial's {result['evaluated_kl']:.9g} "
+            f"(difference {result['kl_abs_diff']:.3g})"
+        )
+    lines += [f"note: {note}" for note in result["notes"]]
+    lines.append(f"manifest sha256 {result['manifest_sha256']}")
+    loader = "budgetpress.load_compressed" if result["format"] == "native" else "AutoModelForCausalLM.from_pretrained"
+    lines.append(f"load it with {loader}({result['directory']!r})")
+    return "\n".join(lines)
+
+
+def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from budgetpress.workers import export_from_study
+
+    which = "the best trial" if args.trial == "best" else f"trial {args.trial}"
+    print(f"budgetpress: exporting {which} of study {args.study} as {args.format}", file=sys.stderr)
+    number, exported = export_from_study(
+        storage=args.storage or _default_storage(),
+        study_name=args.study,
+        trial=args.trial,
+        out=args.out,
+        export_format=args.format,
+        verify=not args.no_verify,
+        overwrite=args.overwrite,
+        densify_sparse=args.densify_sparse,
+    )
+    result = {"study": args.study, "trial": number, **exported.to_dict()}
+    if not args.json:
+        print(_export_summary(number, args, result))
+    return result
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "search":
         return _cmd_search(args)
+    if args.command == "export":
+        return _cmd_export(args)
+    if args.command in ("serve", "runner", "keys"):
+        return _cmd_service(args)
     if args.model_command == "train-builtin":
         return _cmd_train(args)
     return _cmd_info(args)
@@ -263,7 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _build_parser().parse_args(argv)
         logging.basicConfig(
-            level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+            level=logging.INFO
+            if getattr(args, "verbose", False) or args.command in ("serve", "runner")
+            else logging.WARNING,
             stream=sys.stderr,
             format="%(levelname)s %(name)s: %(message)s",
         )

@@ -5,6 +5,9 @@ from budgetpress.evaluators._builtin import BUILTIN_DIR, PRESETS, Recipe, read_m
 from budgetpress.evaluators._calibration import InputStats, InputStatsAccumulator, collect_input_stats
 from budgetpress.evaluators._data import TokenSets, TokenSpec, byte_encoder, check_text_files, make_token_sets
 from budgetpress.evaluators._evaluator import PlanEvaluator
+from budgetpress.evaluators._export import ExportReport, export_plan, load_compressed
+from budgetpress.evaluators._export_dir import ExportError, ExportFormat, verify_export
+from budgetpress.evaluators._export_trial import EvaluatedPlan, TrialExport, export_trial, measure_kl
 from budgetpress.evaluators._gptq import gptq_quantize
 from budgetpress.evaluators._inspect import profile_model
 from budgetpress.evaluators._kv_eval import (
@@ -63,7 +66,11 @@ __all__ = [
     "PRESETS",
     "SEARCH_METHODS",
     "BitsMethod",
+    "EvaluatedPlan",
     "EvaluationSession",
+    "ExportError",
+    "ExportFormat",
+    "ExportReport",
     "InputStats",
     "InputStatsAccumulator",
     "KVEvaluation",
@@ -86,6 +93,7 @@ __all__ = [
     "StoreReport",
     "TokenSets",
     "TokenSpec",
+    "TrialExport",
     "Variant",
     "apply_plan_",
     "build_store",
@@ -98,12 +106,16 @@ __all__ = [
     "default_store_root",
     "encoder_for",
     "evaluate_kv",
+    "export_plan",
+    "export_trial",
     "gptq_quantize",
     "kl_and_ppl",
     "kv_continuation_log_probs",
+    "load_compressed",
     "load_model",
     "make_kv_token_sets",
     "make_token_sets",
+    "measure_kl",
     "model_key",
     "next_token_log_probs",
     "open_session",
@@ -121,4 +133,5 @@ __all__ = [
     "svd_low_rank",
     "train_builtin",
     "variant_weight",
+    "verify_export",
 ]

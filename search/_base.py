@@ -48,3 +48,9 @@ class Strategy(abc.ABC):
         state of the stage it is asking for; single-fidelity strategies need not override it.
         """
         return None
+
+
+def scoped(attribute: str, scope: str) -> str:
+    """A study attribute's name within ``scope`` (e.g. one budget of a frontier search sharing its
+    study with others); the unscoped name when ``scope`` is empty."""
+    return f"{scope}.{attribute}" if scope else attribute

@@ -25,6 +25,9 @@ from budgetpress.space import ModelProfile, Plan, Workload, plan_bytes
 
 logger = logging.getLogger(__name__)
 
+# Asks in a row that found only plans already evaluated before a run gives up on its strategy.
+_MAX_REUSED_ASKS = 1000
+
 
 class Evaluate(Protocol):
     """Evaluates plans, outcomes in their order; ``max_tokens`` caps the tokens each scores.
@@ -69,25 +72,41 @@ class Controller:
         self._on_trial = on_trial
 
     def run(self, n_trials: int) -> list[TrialRecord]:
+        """Run until ``n_trials`` plans have been evaluated (or refused), or the strategy is done.
+
+        A plan the study holds a result for at the asked fidelity is not evaluated again: the
+        strategy is told the stored outcome, and it counts as no trial. A strategy that only asks
+        known plans for ``_MAX_REUSED_ASKS`` asks in a row has used its space up, and stops.
+        """
         records: list[TrialRecord] = []
-        while len(records) < n_trials:
+        reused_in_a_row = 0
+        while len(records) < n_trials and reused_in_a_row < _MAX_REUSED_ASKS:
             plans = self._strategy.ask(min(self._batch_size, n_trials - len(records)))
             if not plans:
                 logger.info("strategy %s has no more plans after %d trials", self._strategy.name, len(records))
                 break
-            records.extend(self._run_batch(plans))
+            batch = self._run_batch(plans)
+            reused_in_a_row = 0 if batch else reused_in_a_row + len(plans)
+            records.extend(batch)
         return records
 
     def _run_batch(self, plans: list[Plan]) -> list[TrialRecord]:
+        fidelities = [self._strategy.fidelity(plan) for plan in plans]
         opened: list[tuple[Plan, optuna.Trial, int]] = []
-        fidelities: list[int | None] = []
-        for plan in plans:
+        to_run: list[int | None] = []
+        for plan, fidelity in zip(plans, fidelities, strict=True):
+            known = self._ledger.known(plan, fidelity)
+            if known is not None:
+                self._ledger.discard_adopted(plan, reason=f"not evaluated: trial {known[0]} holds its result")
+                self._strategy.tell(plan, known[1])
+                continue
             memory = plan_bytes(self._profile, plan, self._workload)
-            fidelity = self._strategy.fidelity(plan)
             trial = self._ledger.open(plan, memory_bytes=memory, strategy=self._strategy.name, fidelity=fidelity)
             opened.append((plan, trial, memory))
-            fidelities.append(fidelity)
-        outcomes = self._dispatch([(plan, memory) for plan, _, memory in opened], fidelities)
+            to_run.append(fidelity)
+        if not opened:
+            return []
+        outcomes = self._dispatch([(plan, memory) for plan, _, memory in opened], to_run)
         records = []
         for (plan, trial, memory), outcome in zip(opened, outcomes, strict=True):
             self._ledger.close(trial, outcome)
@@ -120,15 +139,24 @@ class Controller:
         return [outcome for outcome in outcomes if outcome is not None]
 
 
-def open_study(*, storage: str, name: str, seed: int, strategy: str) -> optuna.Study:
-    """A new study for one search; an existing study of the same name is an error, not a resume."""
-    sampler: optuna.samplers.BaseSampler
+def sampler_for(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The study's sampler: TPE's own for TPE; for the others, which ask without it, a seeded random
+    one (the ledger enqueues each of their plans, so it never samples)."""
     if strategy == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def open_study(*, storage: str, name: str, seed: int, strategy: str, resume: bool = False) -> optuna.Study:
+    """A new study for one search; an existing study of the same name is an error unless ``resume``
+    (then it is loaded, and a missing one is an error: a resume that started over would hide it)."""
+    sampler = sampler_for(strategy, seed)
     try:
+        if resume:
+            return optuna.load_study(storage=storage, study_name=name, sampler=sampler)
         return optuna.create_study(storage=storage, study_name=name, sampler=sampler, direction="minimize")
+    except KeyError as error:
+        raise ValueError(f"no study {name!r} in {storage} to resume; leave out the resume to start it") from error
     except optuna.exceptions.DuplicatedStudyError as error:
         raise ValueError(f"study {name!r} already exists in {storage}; choose another --study name") from error
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError, ModuleNotFoundError) as error:
@@ -138,8 +166,11 @@ def open_study(*, storage: str, name: str, seed: int, strategy: str) -> optuna.S
         ) from error
 
 
-def best_plan(study: optuna.Study) -> tuple[Plan, optuna.trial.FrozenTrial]:
+def best_plan(study: optuna.Study, *, budget_bytes: int | None = None) -> tuple[Plan, optuna.trial.FrozenTrial]:
     """The feasible complete trial with the lowest objective at the highest fidelity, and its plan.
+
+    With ``budget_bytes``, feasible means within that budget, whichever budget the trial was
+    asked under: a study shared by the searches for several budgets holds trials of all of them.
 
     Objectives at different fidelities are measured on different numbers of tokens and do not
     compare (a low-fidelity KL is noisier, and can be lucky), so only trials at one fidelity
@@ -149,10 +180,11 @@ def best_plan(study: optuna.Study) -> tuple[Plan, optuna.trial.FrozenTrial]:
     trials = [
         t
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if t.value is not None and all(v <= 0 for v in (t.constraints or {}).values())
+        if t.value is not None and _feasible(t, budget_bytes)
     ]
     if not trials:
-        raise ValueError(f"study {study.study_name!r} has no feasible complete trial")
+        within = "" if budget_bytes is None else f" within {budget_bytes} bytes"
+        raise ValueError(f"study {study.study_name!r} has no feasible complete trial{within}")
     top = max(_fidelity_rank(t) for t in trials)
     trial = min((t for t in trials if _fidelity_rank(t) == top), key=lambda t: (t.value, t.number))
     return Plan.from_json(trial.user_attrs["plan_json"]), trial
@@ -161,3 +193,9 @@ def best_plan(study: optuna.Study) -> tuple[Plan, optuna.trial.FrozenTrial]:
 def _fidelity_rank(trial: optuna.trial.FrozenTrial) -> float:
     fidelity = trial.user_attrs.get("fidelity")
     return math.inf if fidelity is None else float(fidelity)
+
+
+def _feasible(trial: optuna.trial.FrozenTrial, budget_bytes: int | None) -> bool:
+    if budget_bytes is None:
+        return all(v <= 0 for v in (trial.constraints or {}).values())
+    return int(trial.user_attrs.get("memory_bytes", budget_bytes + 1)) <= budget_bytes

@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import optuna
 
-from budgetpress.search._base import Outcome, Strategy
+from budgetpress.search._base import Outcome, Strategy, scoped
 from budgetpress.search._budget import CostedSpace, fit_to_budget
+from budgetpress.search._ledger import known_fitness_of
 from budgetpress.search._strategies import _rng_for
-from budgetpress.space import Plan, Split
+from budgetpress.space import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,17 @@ Stage = tuple[int | None, int]
 # Sized for ``offspring=16`` and a calibration split of a few thousand tokens: 16 children on
 # 1,024 tokens, 4 on 4,096, 2 (and the parent, known already) on the whole split.
 DEFAULT_STAGES: tuple[Stage, ...] = ((1024, 4), (4096, 2), (None, 1))
+
+
+def stages_for(full_tokens: int) -> tuple[Stage, ...]:
+    """DEFAULT_STAGES scaled to a calibration split of ``full_tokens``: children on an eighth of it,
+    survivors on half, the last two on all of it (a split too small to divide is one stage)."""
+    eighth, half = full_tokens // 8, full_tokens // 2
+    if eighth < 1:
+        return ((None, 1),)
+    return ((eighth, 4), (half, 2), (None, 1))
+
+
 STATE_ATTR = "evolution.state"
 GENERATION_ATTR = "evolution.generation.{:05d}"
 _WORST = math.inf
@@ -152,6 +164,10 @@ class EvolutionaryStrategy(Strategy):
     batch before it asks again), and ``ask`` returns [] only when the run is over: ``generations``
     reached, no child distinct from the parent can be made, or ``max_idle_generations`` in a row
     needed no new evaluation (every child already known: a small space is used up).
+    ``scope`` prefixes the study attributes that hold the state, so that searches for several
+    budgets can share one study (``scoped``). ``known_fitness`` maps (plan key, fidelity) to
+    fitnesses measured before this search began (e.g. an integer program's verified plans),
+    which are then used instead of evaluated again.
     """
 
     name = "evolution"
@@ -165,6 +181,7 @@ class EvolutionaryStrategy(Strategy):
         study: optuna.Study | None = None,
         resume_from: optuna.Study | None = None,
         initial_plans: Sequence[Plan] = (),
+        known_fitness: Mapping[tuple[str, int | None], float] | None = None,
         offspring: int = 16,
         stages: Sequence[Stage] = DEFAULT_STAGES,
         n_random_starts: int = 8,
@@ -172,6 +189,7 @@ class EvolutionaryStrategy(Strategy):
         fill: bool = True,
         generations: int | None = None,
         max_idle_generations: int = 100,
+        scope: str = "",
     ) -> None:
         _check_stages(stages)
         if offspring < 1 or max_switches < 1 or n_random_starts < 0:
@@ -186,7 +204,8 @@ class EvolutionaryStrategy(Strategy):
         self._fill = fill
         self._generations = generations
         self._max_idle = max_idle_generations
-        self._known: dict[tuple[str, int | None], float] = {}
+        self._scope = scope
+        self._known: dict[tuple[str, int | None], float] = dict(known_fitness or {})
         self._generation = 0
         self._parent: Plan | None = None
         self._parent_fitness = _WORST
@@ -350,9 +369,8 @@ class EvolutionaryStrategy(Strategy):
             return
         fitness = self._parent_fitness if math.isfinite(self._parent_fitness) else None
         line = {"parent_key": self._parent.key, "fitness": fitness, "improved": improved}
-        self._study.set_user_attr(
-            GENERATION_ATTR.format(self._generation), {**line, "trials": self._asked_this_generation}
-        )
+        line["trials"] = self._asked_this_generation
+        self._study.set_user_attr(scoped(GENERATION_ATTR.format(self._generation), self._scope), line)
         state: dict[str, Any] = {
             "generation": self._generation + 1,
             "parent": self._parent.to_json(),
@@ -360,15 +378,12 @@ class EvolutionaryStrategy(Strategy):
             "fidelity": self._stages[-1][0],
             "seed": self._seed,
         }
-        self._study.set_user_attr(STATE_ATTR, state)
+        self._study.set_user_attr(scoped(STATE_ATTR, self._scope), state)
 
     def _resume(self, study: optuna.Study) -> None:
         """Continue from the state ``study`` holds, reusing its complete calibration trials."""
-        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            attrs = trial.user_attrs
-            if "plan_key" in attrs and trial.value is not None and attrs.get("split") == Split.CALIBRATION.value:
-                self._known[(attrs["plan_key"], attrs.get("fidelity"))] = trial.value
-        state = study.user_attrs.get(STATE_ATTR)
+        self._known.update(known_fitness_of(study))
+        state = study.user_attrs.get(scoped(STATE_ATTR, self._scope))
         if state is None:
             logger.warning("study %r holds no evolution state; starting again from generation 0", study.study_name)
             return

@@ -33,10 +33,11 @@ from typing import Any
 
 import optuna
 
-from budgetpress.search._base import Outcome, Strategy
+from budgetpress.search._base import Outcome, Strategy, scoped
 from budgetpress.search._budget import CostedSpace
+from budgetpress.search._ledger import known_fitness_of
 from budgetpress.search._mckp import solve_mckp
-from budgetpress.space import Plan, Split
+from budgetpress.space import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,12 @@ class IntegerProgramStrategy(Strategy):
     solved plans are always verified on the whole split. ``time_limit`` bounds the solver (seconds;
     past it the best plans found are used, with a warning). ``study`` receives the solved plans
     (user attribute ``integer_program.solutions``); ``resume_from`` is a study whose complete
-    trials already measured some plans, which are then not asked again. ``seed`` is accepted like
-    every strategy's, but nothing here is random: plans are asked in the groups' and choices' order.
+    trials already measured some plans, which are then not asked again; ``scope`` prefixes the
+    solutions' attribute name (see ``scoped``); ``base`` replaces the measurement base (searches
+    for several budgets measure from one base, the smallest budget's, and so share measurements);
+    ``known_fitness`` (plan key, fidelity → fitness) holds measurements made before, not asked
+    again. ``seed`` is accepted like every strategy's, but nothing here is random: plans are asked
+    in the groups' and choices' order.
     ``ask`` raises if called while asked plans are still untold: a phase ends when all are told.
     After it, ``solutions`` holds (plan, predicted fitness) best first and ``verified`` the
     fitness each got on the whole split (None: its evaluation failed).
@@ -73,6 +78,9 @@ class IntegerProgramStrategy(Strategy):
         study: optuna.Study | None = None,
         resume_from: optuna.Study | None = None,
         time_limit: float | None = 60.0,
+        scope: str = "",
+        base: Mapping[str, int] | None = None,
+        known_fitness: Mapping[tuple[str, int | None], float] | None = None,
     ) -> None:
         if n_solutions < 1:
             raise ValueError(f"n_solutions must be at least 1; got {n_solutions}")
@@ -87,7 +95,10 @@ class IntegerProgramStrategy(Strategy):
         self._fidelity = measure_fidelity
         self._study = study
         self._time_limit = time_limit
-        self._base = measurement_base(costed, budget_bytes)
+        self._scope = scope
+        self._base = dict(base) if base is not None else measurement_base(costed, budget_bytes)
+        if costed.bytes_of(self._base) > budget_bytes:
+            raise ValueError(f"the measurement base needs {costed.bytes_of(self._base)} bytes, over {budget_bytes}")
         self._base_plan = costed.space.plan_from_choices(self._base)
         self._base_fitness: float | None = None
         self._base_attempts = 0
@@ -100,7 +111,9 @@ class IntegerProgramStrategy(Strategy):
         self._outstanding: set[str] = set()
         self.solutions: list[tuple[Plan, float]] = []
         self.verified: dict[str, float | None] = {}
-        self._known = _known_fitness(resume_from) if resume_from is not None else {}
+        self._known = dict(known_fitness or {})
+        if resume_from is not None:
+            self._known.update(known_fitness_of(resume_from))
         self._plan_measurements(self._known)
 
     @property
@@ -168,6 +181,9 @@ class IntegerProgramStrategy(Strategy):
                     continue
                 if costed.cost(group, choice) - lowest > slack:
                     self._excluded[(group, choice)] = "fits the budget in no plan"
+                    continue
+                if costed.bytes_of({**self._base, group: choice}) > self._budget:
+                    self._excluded[(group, choice)] = "does not fit the budget from the measurement base"
                     continue
                 plan = space.plan_from_choices({**self._base, group: choice})
                 self._targets[plan.key] = (group, choice)
@@ -286,7 +302,7 @@ class IntegerProgramStrategy(Strategy):
                 for plan, predicted in self.solutions
             ],
         }
-        self._study.set_user_attr(SOLUTIONS_ATTR, record)
+        self._study.set_user_attr(scoped(SOLUTIONS_ATTR, self._scope), record)
 
 
 def measurement_base(costed: CostedSpace, budget_bytes: int) -> dict[str, int]:
@@ -315,19 +331,6 @@ def _covers(costed: CostedSpace, base: Mapping[str, int], budget_bytes: int) -> 
         if total - costed.cost(group, base[group]) + costed.cost(group, reachable[-1]) > budget_bytes:
             return False
     return True
-
-
-def _known_fitness(study: optuna.Study) -> dict[tuple[str, int | None], float]:
-    """Fitness by (plan key, fidelity) of a study's complete calibration trials."""
-    known: dict[tuple[str, int | None], float] = {}
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        attrs = trial.user_attrs
-        if "plan_json" not in attrs or trial.value is None:
-            continue
-        if attrs.get("split", Split.CALIBRATION.value) != Split.CALIBRATION.value:
-            continue
-        known[(Plan.from_json(attrs["plan_json"]).key, attrs.get("fidelity"))] = float(trial.value)
-    return known
 
 
 def _or_inf(value: float | None) -> float:

@@ -106,3 +106,44 @@ class UniformStrategy(Strategy):
         fitness = outcome.fitness
         if fitness is not None and (self.best is None or fitness < self.best[1]):
             self.best = (plan, fitness)
+
+
+class RandomStrategy(Strategy):
+    """The random baseline: each plan draws every group's choice at random and is repaired onto the
+    budget (downgrades until it fits, then upgrades that still fit); plans are distinct."""
+
+    name = "random"
+
+    def __init__(self, *, costed: CostedSpace, budget_bytes: int, seed: int, max_attempts: int = 1000) -> None:
+        if costed.cheapest_bytes() > budget_bytes:
+            raise ValueError(
+                f"no plan fits {budget_bytes} bytes: the smallest possible plan needs {costed.cheapest_bytes()}"
+            )
+        self._costed = costed
+        self._budget = budget_bytes
+        self._rng = _rng_for(seed, "random")
+        self._seen: set[str] = set()
+        self._max_attempts = max_attempts
+
+    def ask(self, n: int) -> list[Plan]:
+        plans = []
+        for _ in range(n):
+            plan = self._draw()
+            if plan is None:
+                break
+            plans.append(plan)
+        return plans
+
+    def _draw(self) -> Plan | None:
+        """A plan not asked before, or None once ``max_attempts`` draws in a row repeated one."""
+        space = self._costed.space
+        for _ in range(self._max_attempts):
+            raw = {g: int(self._rng.integers(len(space.choices(g)))) for g in self._costed.groups}
+            plan = space.plan_from_choices(fit_to_budget(self._costed, raw, self._budget, self._rng))
+            if plan.key not in self._seen:
+                self._seen.add(plan.key)
+                return plan
+        return None
+
+    def tell(self, plan: Plan, outcome: Outcome) -> None:
+        return None

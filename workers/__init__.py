@@ -1,5 +1,12 @@
 """Ray workers that hold a model and evaluate plans, the pool that dispatches, and the search job."""
 
+from budgetpress.workers._export_job import (
+    SESSION_ATTR,
+    export_from_study,
+    session_from_record,
+    session_record,
+    study_session,
+)
 from budgetpress.workers._job import (
     PlanReport,
     Progress,
@@ -12,6 +19,7 @@ from budgetpress.workers._pool import RAY_AUTH_MODE, EvaluatorActor, WorkerPool,
 
 __all__ = [
     "RAY_AUTH_MODE",
+    "SESSION_ATTR",
     "EvaluatorActor",
     "PlanReport",
     "Progress",
@@ -20,6 +28,10 @@ __all__ = [
     "WorkerPool",
     "WorkerSpec",
     "check_request",
+    "export_from_study",
     "run_search",
+    "session_from_record",
+    "session_record",
     "start_ray",
+    "study_session",
 ]

@@ -2,18 +2,30 @@
 
 Ray listens on 127.0.0.1 only, with its auth mode set explicitly; a failed evaluation comes back
 as a failed outcome with its reason, never as a swallowed error or a crashed search.
+
+Every evaluation in flight holds a lease (``WorkerSpec.lease_s``, from ``BUDGETPRESS_EVAL_LEASE_S``;
+600 s unless set). An evaluation whose worker died, or that overran its lease (its worker hung or
+was stopped), is run once more on a fresh worker: the lost worker is killed and replaced, and a late
+result of the lost attempt is never read. Only a second loss fails the evaluation, with its reason.
+Evaluations have no side effect but their result, so running one twice is safe; the caller commits
+the one outcome it gets back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
+import signal
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from budgetpress.evaluators import SessionSpec
 from budgetpress.search import Outcome
@@ -23,6 +35,27 @@ logger = logging.getLogger(__name__)
 
 RAY_AUTH_MODE = "disabled"  # a loopback-only cluster started and owned by this process
 START_TIMEOUT_S = 300
+LEASE_ENV = "BUDGETPRESS_EVAL_LEASE_S"
+DEFAULT_LEASE_S = 600.0
+MAX_ATTEMPTS = 2  # an evaluation whose worker was lost runs once more; a second loss fails it
+
+
+def eval_lease_s() -> float:
+    """Seconds one evaluation may take before its worker is presumed hung: ``BUDGETPRESS_EVAL_LEASE_S``."""
+    raw = os.environ.get(LEASE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LEASE_S
+    try:
+        value = float(raw)
+    except ValueError as error:
+        raise ValueError(f"{LEASE_ENV} must be a number of seconds; got {raw!r}") from error
+    _check_lease(value)
+    return value
+
+
+def _check_lease(value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"an evaluation lease must be a positive number of seconds; got {value}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +65,7 @@ class WorkerSpec:
     session: SessionSpec
     threads: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    lease_s: float = field(default_factory=eval_lease_s)
 
 
 @ray.remote
@@ -53,6 +87,10 @@ class EvaluatorActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def identity(self) -> tuple[int, str]:
+        """This worker's process id and the id of the Ray node it runs on."""
+        return os.getpid(), ray.get_runtime_context().get_node_id()
 
 
 def start_ray(n_cpus: int, env: dict[str, str]) -> bool:
@@ -83,21 +121,71 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
 
 
+class _Slot:
+    """One worker place of the pool: its current actor, which a lost worker's replacement takes over."""
+
+    def __init__(self, spec: WorkerSpec, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self._spec = spec
+        self.actor: Any = None
+        self.starting: Any = None  # the actor's identity call until it has started
+        self.pid: int | None = None
+        self._local = False
+        self.start()
+
+    def start(self) -> None:
+        options = {"num_cpus": self._spec.threads, "max_restarts": 0}
+        self.actor = EvaluatorActor.options(**options).remote(self._spec, self.worker_id)  # type: ignore[attr-defined]
+        self.starting = self.actor.identity.remote()
+        self.pid = None
+
+    def started(self, timeout: float | None = None) -> None:
+        """Take the started actor's identity; raises the Ray error of an actor that could not start."""
+        ref, self.starting = self.starting, None
+        if ref is None:
+            return
+        self.pid, node = ray.get(ref, timeout=timeout)
+        self._local = node == ray.get_runtime_context().get_node_id()
+
+    def kill(self) -> None:
+        """Kill the actor now. Ray alone waits a grace period for a stopped process (SIGSTOP); the
+        process of an actor on this node is also sent SIGKILL, so its CPU is free at once."""
+        ray.kill(self.actor, no_restart=True)
+        if self.pid is not None and self._local:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        self.pid = None
+        self.starting = None
+
+    def replace(self) -> None:
+        self.kill()
+        self.start()
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Attempt:
+    index: int
+    number: int
+    slot: _Slot
+    deadline: float
+
+
 class WorkerPool:
     """``n_workers`` evaluator actors; ``evaluate`` hands each plan to the next free actor."""
 
-    def __init__(self, spec: WorkerSpec, *, n_workers: int) -> None:
+    def __init__(self, spec: WorkerSpec, *, n_workers: int, lease_s: float | None = None) -> None:
         if n_workers < 1:
             raise ValueError(f"the pool needs at least 1 worker; got {n_workers}")
+        self.lease_s = spec.lease_s if lease_s is None else lease_s
+        _check_lease(self.lease_s)
         self._spec = spec
         self._owns_ray = start_ray(n_workers * spec.threads, spec.env)
-        self._actors = [
-            EvaluatorActor.options(num_cpus=spec.threads, max_restarts=1).remote(spec, f"worker-{i}")  # type: ignore[attr-defined]
-            for i in range(n_workers)
-        ]
+        self._slots = [_Slot(spec, f"worker-{i}") for i in range(n_workers)]
         # Surface a worker that cannot load the model now, with its own message, not at the first plan.
         try:
-            ray.get([actor.pid.remote() for actor in self._actors], timeout=START_TIMEOUT_S)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            for slot in self._slots:
+                slot.started(timeout=max(0.0, deadline - time.monotonic()))
         except RayActorError as error:
             self.close()
             raise RuntimeError(f"a worker could not start: {_root_cause(error)}") from error
@@ -110,43 +198,25 @@ class WorkerPool:
 
     @property
     def size(self) -> int:
-        return len(self._actors)
+        return len(self._slots)
 
     def worker_pids(self) -> list[int]:
-        return list(ray.get([actor.pid.remote() for actor in self._actors]))
+        return list(ray.get([slot.actor.pid.remote() for slot in self._slots]))
 
     def evaluate(
         self, plans: Sequence[Plan], *, split: Split = Split.CALIBRATION, max_tokens: int | None = None
     ) -> list[Outcome]:
         """Evaluate every plan; outcomes come back in the order of ``plans``."""
-        outcomes: list[Outcome | None] = [None] * len(plans)
-        waiting = list(enumerate(plans))
-        free = list(self._actors)
-        in_flight: dict[Any, tuple[int, Any]] = {}
-        while waiting or in_flight:
-            while waiting and free:
-                index, plan = waiting.pop(0)
-                actor = free.pop(0)
-                in_flight[actor.evaluate.remote(plan.to_json(), split.value, max_tokens)] = (index, actor)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            index, actor = in_flight.pop(ready[0])
-            outcomes[index] = self._collect(ready[0])
-            free.append(actor)
-        return [o for o in outcomes if o is not None]
+        return _Round(self, list(plans), split=split, max_tokens=max_tokens).run()
 
-    @staticmethod
-    def _collect(ref: Any) -> Outcome:
-        try:
-            return Outcome(result=ray.get(ref))
-        except RayTaskError as error:
-            return Outcome(failure=f"evaluation raised {_root_cause(error)}")
-        except RayActorError as error:
-            return Outcome(failure=f"worker died during the evaluation: {_root_cause(error)}")
+    @property
+    def slots(self) -> list[_Slot]:
+        return self._slots
 
     def close(self) -> None:
-        for actor in self._actors:
-            ray.kill(actor)
-        self._actors = []
+        for slot in self._slots:
+            slot.kill()
+        self._slots = []
         if self._owns_ray:
             ray.shutdown()
 
@@ -155,3 +225,100 @@ class WorkerPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Round:
+    """One ``evaluate`` call: dispatch, collect, and run a lost attempt once more."""
+
+    def __init__(self, pool: WorkerPool, plans: list[Plan], *, split: Split, max_tokens: int | None) -> None:
+        self._pool = pool
+        self._plans = plans
+        self._args = (split.value, max_tokens)
+        self._outcomes: list[Outcome | None] = [None] * len(plans)
+        self._waiting: deque[tuple[int, int]] = deque((index, 1) for index in range(len(plans)))
+        self._in_flight: dict[Any, _Attempt] = {}
+        self._losses: dict[int, str] = {}
+
+    def run(self) -> list[Outcome]:
+        while self._waiting or self._in_flight:
+            self._dispatch()
+            ref = self._next_ready()
+            if ref is not None:
+                self._collect(ref)
+            self._expire()
+        return [outcome for outcome in self._outcomes if outcome is not None]
+
+    def _dispatch(self) -> None:
+        busy = {id(attempt.slot) for attempt in self._in_flight.values()}
+        for slot in self._pool.slots:
+            if not self._waiting:
+                return
+            if id(slot) in busy:
+                continue
+            index, number = self._waiting.popleft()
+            ref = slot.actor.evaluate.remote(self._plans[index].to_json(), *self._args)
+            self._in_flight[ref] = _Attempt(index=index, number=number, slot=slot, deadline=self._deadline(slot))
+
+    def _deadline(self, slot: _Slot) -> float:
+        """A lease from now; on a worker still starting, from its start (see ``_started``)."""
+        return time.monotonic() + (START_TIMEOUT_S if slot.starting is not None else self._pool.lease_s)
+
+    def _next_ready(self) -> Any:
+        """The next finished evaluation, or None when a lease is due or a new worker started first."""
+        starting = {a.slot.starting: a for a in self._in_flight.values() if a.slot.starting is not None}
+        timeout = max(0.0, min(a.deadline for a in self._in_flight.values()) - time.monotonic())
+        ready, _ = ray.wait([*self._in_flight, *starting], num_returns=1, timeout=timeout)
+        if not ready:
+            return None
+        if ready[0] in starting:
+            self._started(starting[ready[0]])
+            return None
+        return ready[0]
+
+    def _started(self, attempt: _Attempt) -> None:
+        """A replacement worker is up: the evaluation queued on it starts its lease now."""
+        try:
+            attempt.slot.started()
+        except RayError:
+            return  # it could not start; the evaluation queued on it fails with the reason
+        for ref, queued in self._in_flight.items():
+            if queued is attempt:
+                self._in_flight[ref] = _Attempt(
+                    index=attempt.index,
+                    number=attempt.number,
+                    slot=attempt.slot,
+                    deadline=time.monotonic() + self._pool.lease_s,
+                )
+
+    def _collect(self, ref: Any) -> None:
+        attempt = self._in_flight.pop(ref)
+        try:
+            self._outcomes[attempt.index] = Outcome(result=ray.get(ref))
+        except RayTaskError as error:
+            self._outcomes[attempt.index] = Outcome(failure=f"evaluation raised {_root_cause(error)}")
+        except RayError as error:  # the worker died (killed, crashed, out of memory)
+            self._lost(attempt, f"worker died during the evaluation: {_root_cause(error)}")
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for ref, attempt in list(self._in_flight.items()):
+            if attempt.deadline <= now:
+                del self._in_flight[ref]  # never read again: a late result is dropped
+                self._lost(
+                    attempt,
+                    f"the evaluation overran its lease of {self._pool.lease_s:g} s on {attempt.slot.worker_id}; "
+                    "its worker was killed",
+                )
+
+    def _lost(self, attempt: _Attempt, reason: str) -> None:
+        """Replace the lost worker; run the evaluation once more, or fail it after its second loss."""
+        plan_key = self._plans[attempt.index].key[:12]
+        attempt.slot.replace()
+        if attempt.number < MAX_ATTEMPTS:
+            logger.warning("plan %s: %s; evaluating it again on a fresh worker", plan_key, reason)
+            self._losses[attempt.index] = reason
+            self._waiting.appendleft((attempt.index, attempt.number + 1))
+            return
+        first = self._losses.get(attempt.index, "")
+        logger.warning("plan %s: %s, for the second time; failing it", plan_key, reason)
+        self._outcomes[attempt.index] = Outcome(failure=f"{reason} (attempt {attempt.number}; first attempt: {first})")

@@ -43,6 +43,11 @@ def test_malformed_budget(
     _bad(["search", "--model", str(micro_model_dir), f"--budget={budget}"], capsys, fragment)
 
 
+def test_repeated_and_malformed_frontier_budgets(capsys: pytest.CaptureFixture[str], micro_model_dir: Path) -> None:
+    _bad(["search", "--model", str(micro_model_dir), "--budget", "60%,60%"], capsys, "repeat a size")
+    _bad(["search", "--model", str(micro_model_dir), "--budget", "60%,x"], capsys, "'x'")
+
+
 def test_budget_below_smallest_plan(capsys: pytest.CaptureFixture[str], micro_model_dir: Path) -> None:
     _bad(["search", "--model", str(micro_model_dir), "--budget", "10%"], capsys, "below the smallest possible plan")
 
@@ -72,6 +77,8 @@ def test_pickle_only_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], m
         (["--space", ","], "at least one dimension"),
         (["--method", "bits=awq"], "unknown bits method 'awq'; accepted: rtn, gptq"),
         (["--method", "gptq"], "DIMENSION=METHOD"),
+        (["--resume"], "--resume needs --study NAME"),
+        (["--resume", "--study", "never-made", "--storage", "sqlite:///:memory:"], "no study 'never-made'"),
     ],
 )
 def test_other_bad_options(

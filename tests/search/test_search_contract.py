@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
 import pytest
 
 from budgetpress.search import (
     MEMORY_CONSTRAINT,
+    STRATEGIES,
     Controller,
     CostedSpace,
     EvolutionaryStrategy,
+    HybridStrategy,
     IntegerProgramStrategy,
     Ledger,
+    RandomStrategy,
     Strategy,
+    StrategySetup,
     TPEStrategy,
     UniformStrategy,
     best_plan,
+    make_strategy,
     open_study,
 )
 from budgetpress.space import plan_bytes
@@ -53,7 +59,25 @@ def _integer(ledger: Ledger, costed: CostedSpace, budget: int, seed: int) -> Str
     return IntegerProgramStrategy(costed=costed, budget_bytes=budget, seed=seed, study=ledger.study)
 
 
-FACTORIES = {"tpe": _tpe, "uniform": _uniform, "evolution": _evolution, "integer": _integer}
+def _random(ledger: Ledger, costed: CostedSpace, budget: int, seed: int) -> Strategy:
+    return RandomStrategy(costed=costed, budget_bytes=budget, seed=seed)
+
+
+def _hybrid(ledger: Ledger, costed: CostedSpace, budget: int, seed: int) -> Strategy:
+    # 16 trials are all measurements here; the evolution phase is checked in its own tests.
+    return HybridStrategy(
+        costed=costed, budget_bytes=budget, seed=seed, study=ledger.study, offspring=4, stages=((64, 2), (None, 1))
+    )
+
+
+FACTORIES = {
+    "tpe": _tpe,
+    "uniform": _uniform,
+    "evolution": _evolution,
+    "integer": _integer,
+    "random": _random,
+    "hybrid": _hybrid,
+}
 
 
 def _run(
@@ -149,3 +173,49 @@ def test_existing_study_name_is_refused(tmp_path) -> None:  # type: ignore[no-un
     open_study(storage=storage, name="s", seed=0, strategy="tpe")
     with pytest.raises(ValueError, match="already exists"):
         open_study(storage=storage, name="s", seed=0, strategy="tpe")
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_a_resumed_run_commits_no_result_twice(name: str, costed: CostedSpace, tmp_path: Path) -> None:
+    """A search stopped and resumed on its study (the strategy rebuilt from its seed, as after a
+    kill) evaluates no plan again at a fidelity the study holds a result for."""
+    storage = f"sqlite:///{tmp_path / 'resume.db'}"
+    budget = int(costed.dense_bytes * 0.35)
+    evaluator = SyntheticEvaluator()
+    for resume in (False, True):
+        study = open_study(storage=storage, name="s", seed=0, strategy=name, resume=resume)
+        ledger = Ledger(study=study, space=costed.space, budget_bytes=budget)
+        setup = StrategySetup(resume=resume, stages=((64, 2), (None, 1)))
+        strategy = make_strategy(name, ledger=ledger, costed=costed, budget_bytes=budget, seed=0, setup=setup)
+        Controller(
+            strategy=strategy,
+            ledger=ledger,
+            profile=costed.space.profile,
+            workload=costed.workload,
+            evaluate=evaluator,
+            batch_size=2,
+        ).run(8)
+    complete = [
+        (t.user_attrs["plan_key"], t.user_attrs["fidelity"])
+        for t in optuna.load_study(study_name="s", storage=storage).trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    ]
+    assert len(complete) == len(set(complete))
+    evaluated = list(zip((p.key for p in evaluator.seen), evaluator.fidelities, strict=True))
+    assert len(evaluated) == len(set(evaluated))
+
+
+def test_a_plan_the_study_holds_is_told_not_evaluated(costed: CostedSpace) -> None:
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=0))
+    budget = int(costed.dense_bytes * 0.5)
+    ledger = Ledger(study=study, space=costed.space, budget_bytes=budget)
+    uniform = UniformStrategy(costed=costed, budget_bytes=budget)
+    evaluator = SyntheticEvaluator()
+    controller_args = {"ledger": ledger, "profile": costed.space.profile, "workload": costed.workload}
+    Controller(strategy=uniform, evaluate=evaluator, batch_size=2, **controller_args).run(50)  # type: ignore[arg-type]
+    calls = evaluator.calls
+    again = UniformStrategy(costed=costed, budget_bytes=budget)
+    records = Controller(strategy=again, evaluate=evaluator, batch_size=2, **controller_args).run(50)  # type: ignore[arg-type]
+    assert records == [] and evaluator.calls == calls
+    assert again.best is not None and again.best[1] == uniform.best[1]  # type: ignore[index]
+    assert len(study.trials) == calls

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from budgetpress.search import Outcome
@@ -52,3 +58,111 @@ def test_failed_evaluation_is_a_failed_outcome_with_reason(pool: WorkerPool, mic
     assert outcomes[0] == Outcome(failure=outcomes[0].failure)
     assert outcomes[0].failure is not None and "has no entry for unit" in outcomes[0].failure
     assert outcomes[1].result is not None and outcomes[1].result.split is Split.EVALUATION
+
+
+def _plans(micro_model_dir: Path, bits: tuple[int, ...]) -> list[Plan]:
+    from budgetpress.evaluators import profile_source, resolve_model
+
+    units = profile_source(resolve_model(str(micro_model_dir))).linear_units
+    return [Plan.uniform(units, linear=LinearSetting(bits=b, group_size=128)) for b in bits]
+
+
+def _evaluator_pids() -> set[int]:
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        if "EvaluatorActor" in " ".join(process.info.get("cmdline") or []):
+            found.add(process.pid)
+    return found
+
+
+def _in_background(pool: WorkerPool, plans: list[Plan]) -> tuple[threading.Thread, list[list[Outcome]]]:
+    out: list[list[Outcome]] = []
+    thread = threading.Thread(target=lambda: out.append(pool.evaluate(plans)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _wait_new_pid(known: set[int], timeout_s: float = 60) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        new = _evaluator_pids() - known
+        if new:
+            return new.pop()
+        time.sleep(0.02)
+    raise AssertionError("no new evaluator process appeared")
+
+
+def _gone(pid: int, *, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_killed_worker_is_replaced_and_its_evaluation_run_again(pool: WorkerPool, micro_model_dir: Path) -> None:
+    plans = _plans(micro_model_dir, (2, 8, 3, 4))
+    expected = [o.result.kl for o in pool.evaluate(plans) if o.result is not None]
+    victim = pool.worker_pids()[0]
+    os.kill(victim, signal.SIGSTOP)  # it takes its next plan and hangs on it until killed
+    thread, out = _in_background(pool, plans)
+    time.sleep(0.5)
+    os.kill(victim, signal.SIGKILL)
+    thread.join(120)
+    assert [o.result.kl for o in out[0] if o.result is not None] == expected
+    assert victim not in pool.worker_pids() and len(set(pool.worker_pids())) == 2
+
+
+def test_a_second_death_fails_the_evaluation_with_its_reason(pool: WorkerPool, micro_model_dir: Path) -> None:
+    pids = pool.worker_pids()
+    os.kill(pids[0], signal.SIGSTOP)
+    thread, out = _in_background(pool, _plans(micro_model_dir, (4,)))  # one plan: it goes to worker-0
+    time.sleep(0.5)
+    os.kill(pids[0], signal.SIGKILL)
+    newpid = _wait_new_pid(set(pids))
+    print("DBG", pids, newpid, psutil.Process(newpid).cmdline(), psutil.Process(newpid).status(), [(s.pid, s.starting) for s in pool.slots])
+    os.kill(newpid, signal.SIGKILL)  # the replacement dies while it loads the model
+    thread.join(120)
+    [outcome] = out[0]
+    assert outcome.failure is not None and outcome.failure.count("worker died during the evaluation") == 2
+    assert len(pool.evaluate(_plans(micro_model_dir, (8, 4)))) == 2  # the pool works on
+
+
+def test_a_stopped_worker_past_its_lease_is_killed_and_its_plan_run_again(
+    pool: WorkerPool, micro_model_dir: Path
+) -> None:
+    plans = _plans(micro_model_dir, (8, 4, 3, 2))
+    expected = [o.result.kl for o in pool.evaluate(plans) if o.result is not None]
+    victim = pool.worker_pids()[1]
+    lease, pool.lease_s = pool.lease_s, 2.0
+    try:
+        os.kill(victim, signal.SIGSTOP)
+        started = time.monotonic()
+        outcomes = pool.evaluate(plans)
+        elapsed = time.monotonic() - started
+    finally:
+        pool.lease_s = lease
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)  # a late result, if any came, is never read
+    assert [o.result.kl for o in outcomes if o.result is not None] == expected
+    assert _gone(victim, timeout_s=10)  # killed, not left stopped
+    assert elapsed < 60, elapsed
+    assert len(pool.evaluate(plans[:2])) == 2
+
+
+def test_the_lease_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, micro_model_dir: Path) -> None:
+    from budgetpress.evaluators import SessionSpec
+    from budgetpress.workers._pool import DEFAULT_LEASE_S, LEASE_ENV
+
+    session = SessionSpec(model=str(micro_model_dir), workload=Workload(context=128))
+    monkeypatch.delenv(LEASE_ENV, raising=False)
+    assert WorkerSpec(session=session).lease_s == DEFAULT_LEASE_S
+    monkeypatch.setenv(LEASE_ENV, "7.5")
+    assert WorkerSpec(session=session).lease_s == 7.5
+    monkeypatch.setenv(LEASE_ENV, "soon")
+    with pytest.raises(ValueError, match=LEASE_ENV):
+        WorkerSpec(session=session)

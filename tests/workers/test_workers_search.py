@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -19,15 +20,25 @@ from budgetpress.workers import SearchRequest, run_search
 from ..conftest import POSTGRES_URL
 
 
-def _request(model_dir: Path, storage: str, seed: int = 3, strategy: str = "tpe", n_trials: int = 6) -> SearchRequest:
+def _request(
+    model_dir: Path,
+    storage: str,
+    seed: int = 3,
+    strategy: str = "tpe",
+    n_trials: int = 6,
+    budgets: tuple[str, ...] = ("60%",),
+    study_name: str | None = None,
+    resume: bool = False,
+) -> SearchRequest:
     return SearchRequest(
         model=str(model_dir),
-        budget=Budget.parse("60%"),
+        budgets=tuple(Budget.parse(b) for b in budgets),
+        resume=resume,
         workload=Workload(context=128),
         strategy=strategy,
         n_trials=n_trials,
         storage=storage,
-        study_name=f"test-{uuid.uuid4().hex[:8]}",
+        study_name=study_name or f"test-{uuid.uuid4().hex[:8]}",
         n_workers=2,
         seed=seed,
         seq_len=128,
@@ -69,6 +80,64 @@ def test_evolution_runs_through_real_workers_at_several_fidelities(tmp_path: Pat
     top = None if None in fidelities else max(fidelities)
     at_top = [t for t in study.trials if t.user_attrs["fidelity"] == top]
     assert report.best.plan.key == min(at_top, key=lambda t: t.value).user_attrs["plan_key"]
+
+
+def test_frontier_search_shares_evaluations_across_budgets(tmp_path: Path, micro_model_dir: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'frontier.db'}"
+    # Enough trials for the integer program to measure, solve and verify at each budget.
+    report = run_search(_request(micro_model_dir, storage, strategy="integer", n_trials=200, budgets=("45%", "70%")))
+    study = optuna.load_study(study_name=report.request.study_name, storage=storage)
+    keys = {
+        b.budget_bytes: [
+            t.user_attrs["plan_key"] for t in study.trials if t.user_attrs["budget_bytes"] == b.budget_bytes
+        ]
+        for b in report.budgets
+    }
+    small, large = (b.budget_bytes for b in report.budgets)
+    assert keys[small] and keys[large]
+    # The second budget measured from the first's base: its measurements were known already.
+    assert not set(keys[small]) & set(keys[large])
+    assert len(keys[large]) < len(keys[small])
+    values = {}
+    for budget in report.budgets:
+        assert budget.best.memory_bytes <= budget.budget_bytes
+        values[budget.budget_bytes] = study.trials[budget.best_trial].value
+    assert values[large] <= values[small]
+    front = report.pareto
+    assert front and all(a.memory_bytes < b.memory_bytes and a.kl > b.kl for a, b in itertools.pairwise(front))
+    saved = study.user_attrs["report"]
+    assert [f["budget_bytes"] for f in saved["frontier"]] == [small, large]
+
+
+def test_a_resumed_search_continues_its_study(tmp_path: Path, micro_model_dir: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'resume.db'}"
+    # Generation 0 (8 random starts on 3 stages, and the uniform plan) takes 15 trials.
+    first = run_search(_request(micro_model_dir, storage, strategy="evolution", n_trials=20))
+    name = first.request.study_name
+    study = optuna.load_study(study_name=name, storage=storage)
+    generation = study.user_attrs["evolution.state"]["generation"]
+    before = {t.number: (t.state, t.value) for t in study.trials}
+    study.ask()  # what a killed run leaves behind: a trial opened, never told
+    resumed = run_search(
+        _request(micro_model_dir, storage, strategy="evolution", n_trials=36, study_name=name, resume=True)
+    )
+    study = optuna.load_study(study_name=name, storage=storage)
+    # The interrupted trial was not run: the resumed search ran 16 more, to 36 evaluated trials.
+    assert len([t for t in study.trials if not t.user_attrs.get("not_evaluated")]) == 36
+    complete = [(t.user_attrs["plan_key"], t.user_attrs["fidelity"]) for t in study.trials if t.value is not None]
+    assert len(complete) == len(set(complete))
+    assert {t.number: (t.state, t.value) for t in study.trials if t.number in before} == before
+    interrupted = study.trials[20]
+    assert interrupted.state == optuna.trial.TrialState.FAIL and "interrupted" in interrupted.user_attrs["fail_reason"]
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert study.user_attrs["evolution.state"]["generation"] > generation
+    assert resumed.best.kl <= first.best.kl or resumed.best.plan.key == first.best.plan.key
+
+
+def test_resuming_a_missing_study_is_refused(tmp_path: Path, micro_model_dir: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'none.db'}"
+    with pytest.raises(ValueError, match="no study 'absent'"):
+        run_search(_request(micro_model_dir, storage, study_name="absent", resume=True))
 
 
 def _postgres_reachable() -> bool:
