@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from optuna.storages import RDBStorage
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from budgetpress._version import __version__
@@ -21,8 +22,8 @@ from budgetpress.api._jobs import (
     IdempotencyConflict,
     JobRecord,
     QuotaExceeded,
+    caller_and_job,
     cancel_job,
-    get_job,
     list_jobs,
     request_hash,
     submit,
@@ -59,7 +60,7 @@ Page = Annotated[PageQuery, Query()]
 
 
 class _Context:
-    """What the routes share: the database, settings, the Optuna storage (read side) and the limiter."""
+    """What the routes share: the database, settings, the Optuna storage (plots) and the limiter."""
 
     def __init__(self, db: Database, settings: ServiceSettings) -> None:
         self.db = db
@@ -74,7 +75,7 @@ def _unauthorized() -> HTTPException:
     )
 
 
-def _ctx(request: Request) -> _Context:
+async def _ctx(request: Request) -> _Context:
     ctx: _Context = request.app.state.ctx
     return ctx
 
@@ -82,10 +83,11 @@ def _ctx(request: Request) -> _Context:
 Context = Annotated[_Context, Depends(_ctx)]
 
 
-def _caller(ctx: Context, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
-    if credentials is None:
-        raise _unauthorized()
-    found = authenticate(ctx.db, credentials.credentials)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _admit(ctx: _Context, found: Caller | None) -> Caller:
+    """401 without an active key; 429 past the tenant's rate."""
     if found is None:
         raise _unauthorized()
     if not ctx.limiter.allow(found.tenant_id):
@@ -93,11 +95,20 @@ def _caller(ctx: Context, credentials: Annotated[HTTPAuthorizationCredentials | 
     return found
 
 
+def _caller(ctx: Context, credentials: Credentials) -> Caller:
+    return _admit(ctx, None if credentials is None else authenticate(ctx.db, credentials.credentials))
+
+
 Who = Annotated[Caller, Depends(_caller)]
 
 
-def _owned_job(ctx: Context, job_id: uuid.UUID, who: Who) -> JobRecord:
-    job = get_job(ctx.db, who, str(job_id))
+def _owned_job(request: Request, ctx: Context, job_id: uuid.UUID, credentials: Credentials) -> JobRecord:
+    """The caller's job, key and job read in one query (one thread hop, one connection); the
+    caller is left on ``request.state.caller``."""
+    if credentials is None:
+        raise _unauthorized()
+    found, job = caller_and_job(ctx.db, credentials.credentials, str(job_id))
+    request.state.caller = _admit(ctx, found)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such job")
     return job
@@ -115,6 +126,10 @@ def create_app(settings: ServiceSettings, db: Database | None = None) -> FastAPI
     _install_handlers(app)
     _system_routes(app)
     _job_routes(app)
+    # Imported here: the plot routes use this module's dependencies (context, auth, job lookup).
+    from budgetpress.api._plots_routes import plots_router
+
+    app.include_router(plots_router)
     return app
 
 
@@ -167,16 +182,16 @@ def _job_routes(app: FastAPI) -> None:
         return JobPage(items=[job_out(r) for r in records], total=total, limit=page.limit, offset=page.offset)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses=_errors(*_JOB))
-    def job(owned: Owned) -> JobOut:
-        return job_out(owned)
+    async def job(owned: Owned) -> Response:  # no I/O left: it runs on the event loop, not in a thread
+        return _json(job_out(owned))
 
     @app.get("/v1/jobs/{job_id}/trials", response_model=TrialPage, tags=["jobs"], responses=_errors(*_JOB))
-    def trials(ctx: Context, owned: Owned, page: Page) -> TrialPage:
-        return trial_page(ctx.storage, owned, limit=page.limit, offset=page.offset)
+    def trials(ctx: Context, owned: Owned, page: Page) -> Response:
+        return _json(trial_page(ctx.db, owned, limit=page.limit, offset=page.offset))
 
     @app.get("/v1/jobs/{job_id}/best", response_model=BestOut, tags=["jobs"], responses=_errors(*_JOB, 409))
     def best(ctx: Context, owned: Owned) -> BestOut:
-        found = best_out(ctx.storage, owned)
+        found = best_out(ctx.db, owned)
         if found is None:
             raise HTTPException(
                 status.HTTP_409_CONFLICT, f"job is {owned.state.value}; the best plan comes with success"
@@ -185,14 +200,20 @@ def _job_routes(app: FastAPI) -> None:
 
     @app.get("/v1/jobs/{job_id}/frontier", response_model=FrontierOut, tags=["jobs"], responses=_errors(*_JOB))
     def frontier(ctx: Context, owned: Owned) -> FrontierOut:
-        return frontier_out(ctx.storage, owned)
+        return frontier_out(ctx.db, owned)
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], responses=_errors(*_JOB, 413))
-    def cancel(ctx: Context, owned: Owned, who: Who) -> JobOut:
-        record = cancel_job(ctx.db, who, owned.id)
+    def cancel(request: Request, ctx: Context, owned: Owned) -> JobOut:
+        record = cancel_job(ctx.db, request.state.caller, owned.id)
         if record is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such job")
         return job_out(record)
+
+
+def _json(body: BaseModel) -> Response:
+    """A response model already validated, serialised once (the routes polled most skip FastAPI's
+    second validation of what they return; ``response_model`` still documents them)."""
+    return Response(content=body.model_dump_json(), media_type="application/json")
 
 
 def _install_handlers(app: FastAPI) -> None:

@@ -7,8 +7,10 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from budgetpress.api._db import Database
@@ -80,11 +82,35 @@ def authenticate(db: Database, raw: str) -> Caller | None:
         return None
     digest = hash_key(raw)
     with db.reading() as session:
-        row = session.execute(
-            select(ApiKey.key_hash, ApiKey.revoked_at, Tenant.id, Tenant.name)
-            .join(Tenant, Tenant.id == ApiKey.tenant_id)
-            .where(ApiKey.key_hash == digest)
-        ).first()
+        row = session.execute(key_query(digest)).first()
+    return caller_of(row, digest)
+
+
+def key_query(digest: str) -> Select[str, datetime | None, int, str]:
+    """The key's hash, revocation and tenant; routes that read a job join it to this one query."""
+    return (
+        select(ApiKey.key_hash, ApiKey.revoked_at, Tenant.id, Tenant.name)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.key_hash == digest)
+    )
+
+
+def key_query_by_param() -> Select[str, datetime | None, int, str]:
+    """``key_query`` with the digest as the bound parameter ``digest``: built once, executed often."""
+    return (
+        select(ApiKey.key_hash, ApiKey.revoked_at, Tenant.id, Tenant.name)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.key_hash == bindparam("digest"))
+    )
+
+
+def caller_of(row: Any, digest: str) -> Caller | None:
+    """The caller from a ``key_query`` row; None for no row or a revoked key."""
     if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, digest):
         return None
     return Caller(tenant_id=row.id, tenant_name=row.name)
+
+
+def key_digest(raw: str) -> str | None:
+    """The hash a well-formed key is stored under; None for a malformed one."""
+    return hash_key(raw) if _KEY_SHAPE.fullmatch(raw) else None

@@ -10,13 +10,14 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from budgetpress.api._auth import Caller
+from budgetpress.api._auth import Caller, caller_of, key_digest, key_query_by_param
 from budgetpress.api._db import Database
 from budgetpress.api._tables import ACTIVE_STATES, IdempotencyRecord, Job, JobState, Tenant, utcnow
 
@@ -51,7 +52,7 @@ class JobRecord:
     finished_at: datetime | None
 
 
-def to_record(row: Job) -> JobRecord:
+def to_record(row: Job | SimpleNamespace) -> JobRecord:
     return JobRecord(
         id=row.id,
         tenant_id=row.tenant_id,
@@ -142,6 +143,30 @@ def _submit(
         )
         session.flush()
     return to_record(row), True
+
+
+_JOBS = Job.__table__
+_CALLER_AND_JOB = (
+    key_query_by_param()
+    .add_columns(*(column.label(f"job_{column.name}") for column in _JOBS.columns))
+    .outerjoin(_JOBS, (_JOBS.c.tenant_id == Tenant.id) & (_JOBS.c.id == bindparam("job_id")))
+)
+
+
+def caller_and_job(db: Database, raw_key: str, job_id: str) -> tuple[Caller | None, JobRecord | None]:
+    """Authenticate a key and read the caller's job in one prepared query (the hot path of every
+    job route); (None, None) for a bad key, and no job for one that does not exist or belongs to
+    another tenant."""
+    digest = key_digest(raw_key)
+    if digest is None:
+        return None, None
+    with db.read_connection() as connection:
+        row = connection.execute(_CALLER_AND_JOB, {"digest": digest, "job_id": job_id}).first()
+    caller = caller_of(row, digest)
+    if caller is None or row is None or row.job_id is None:
+        return caller, None
+    mapping = row._mapping
+    return caller, to_record(SimpleNamespace(**{c.name: mapping[f"job_{c.name}"] for c in _JOBS.columns}))
 
 
 def get_job(db: Database, caller: Caller, job_id: str) -> JobRecord | None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from optuna.storages import RDBStorage
-from optuna.trial import TrialState
-
+from budgetpress.api._db import Database
 from budgetpress.api._jobs import JobRecord
 from budgetpress.api._schemas import (
     BestOut,
@@ -20,7 +17,9 @@ from budgetpress.api._schemas import (
     WorkloadIn,
 )
 from budgetpress.api._tables import JobState
-from budgetpress.api._trials import pareto_front, study_trials, trial_dict
+from budgetpress.api._trials import pareto_front
+from budgetpress.api._trialsql import complete_points, plan_json_of
+from budgetpress.api._trialsql import trial_page as trial_items
 
 
 def job_out(job: JobRecord) -> JobOut:
@@ -49,13 +48,14 @@ def job_out(job: JobRecord) -> JobOut:
     )
 
 
-def trial_page(storage: RDBStorage, job: JobRecord, *, limit: int, offset: int) -> TrialPage:
-    trials = study_trials(storage, job.study_name)
-    items = [TrialOut(**trial_dict(t)) for t in trials[offset : offset + limit]]
-    return TrialPage(items=items, total=len(trials), limit=limit, offset=offset)
+def trial_page(db: Database, job: JobRecord, *, limit: int, offset: int) -> TrialPage:
+    """One page of the job's trials, read by SQL from its study's tables in one read transaction."""
+    with db.read_connection() as session:
+        items, total = trial_items(session, job.study_name, limit=limit, offset=offset)
+    return TrialPage(items=[TrialOut(**item) for item in items], total=total, limit=limit, offset=offset)
 
 
-def best_out(storage: RDBStorage, job: JobRecord) -> BestOut | None:
+def best_out(db: Database, job: JobRecord) -> BestOut | None:
     """The best plan of a succeeded job: its canonical plan JSON, labels and held-out metrics."""
     report = job.report or {}
     best = report.get("best")
@@ -64,7 +64,7 @@ def best_out(storage: RDBStorage, job: JobRecord) -> BestOut | None:
     return BestOut(
         job_id=job.id,
         plan_key=best["plan_key"],
-        plan=_plan_json(storage, job.study_name, best["plan_key"]),
+        plan=_plan_json(db, job.study_name, best["plan_key"]),
         labels=dict(best.get("plan", {})),
         memory_bytes=best["memory_bytes"],
         budget_bytes=report["budget_bytes"],
@@ -77,17 +77,15 @@ def best_out(storage: RDBStorage, job: JobRecord) -> BestOut | None:
     )
 
 
-def _plan_json(storage: RDBStorage, study_name: str, plan_key: str) -> dict[str, Any]:
-    for trial in study_trials(storage, study_name, states=(TrialState.COMPLETE,)):
-        if trial.user_attrs.get("plan_key") == plan_key:
-            plan: dict[str, Any] = json.loads(trial.user_attrs["plan_json"])
-            return plan
-    return {}
+def _plan_json(db: Database, study_name: str, plan_key: str) -> dict[str, Any]:
+    with db.read_connection() as session:
+        return plan_json_of(session, study_name, plan_key)
 
 
-def frontier_out(storage: RDBStorage, job: JobRecord) -> FrontierOut:
+def frontier_out(db: Database, job: JobRecord) -> FrontierOut:
     """Complete trials not dominated in (memory, KL) so far; the frontier report once succeeded."""
-    front = pareto_front(study_trials(storage, job.study_name, states=(TrialState.COMPLETE,)))
+    with db.read_connection() as session:
+        front = pareto_front(complete_points(session, job.study_name))
     report = job.report or {}
     extra: dict[str, Any] = {k: report[k] for k in ("frontier", "pareto") if k in report}
     return FrontierOut(

@@ -28,7 +28,8 @@ from budgetpress.api._queue import claim, finish, reap, record_progress, release
 from budgetpress.api._requests import search_request
 from budgetpress.api._settings import ServiceSettings
 from budgetpress.api._tables import JobState
-from budgetpress.api._trials import fail_running_trials, study_progress
+from budgetpress.api._trials import StudyProgress, fail_running_trials
+from budgetpress.api._trialsql import study_progress
 from budgetpress.search import TrialRecord
 from budgetpress.workers import run_search, start_ray
 
@@ -73,7 +74,7 @@ class JobProgress:
         self._write(stage=text[:200])
 
     def trial(self, record: TrialRecord, done: int, total: int) -> None:
-        progress = study_progress(self._runner.storage, self._handle.job.study_name)
+        progress = self._runner.progress_of(self._handle.job.study_name)
         self._write(trials_done=progress.complete, best_kl=progress.best_kl)
 
     def _write(self, **values: object) -> None:
@@ -144,6 +145,11 @@ class Runner:
             ray.shutdown()
         if self._lock_file is not None:
             self._lock_file.close()
+
+    def progress_of(self, study_name: str) -> StudyProgress:
+        """Complete trials and the best KL of a study: one aggregate query, however many trials."""
+        with self.db.read_connection() as connection:
+            return study_progress(connection, study_name)
 
     def running_jobs(self) -> list[str]:
         with self._lock:
@@ -223,7 +229,7 @@ class Runner:
             fail_running_trials(self.storage, job.study_name, f"job failed: {error}")
             finish(self.db, job_id=job.id, owner=self.boot_id, state=JobState.FAILED, reason=_one_line(error))
         else:
-            progress = study_progress(self.storage, job.study_name)
+            progress = self.progress_of(job.study_name)
             record_progress(
                 self.db, job_id=job.id, owner=self.boot_id, trials_done=progress.complete, best_kl=progress.best_kl
             )

@@ -1,7 +1,8 @@
 """API latency while a job runs: p50/p95 of GET /v1/jobs/{id} and GET /v1/jobs/{id}/trials with 20
 concurrent clients, on loopback, against a real `budgetpress serve` subprocess (SQLite by default).
 
-A bounded number of requests; it stops by itself. With --json the last line is one JSON object
+The measurement starts once the job has a complete trial (past its start-up) and holds a bounded
+number of requests; it stops by itself. With --json the last line is one JSON object
 with p50_ms, p95_ms, requests and errors_5xx (and the per-route figures).
 
     .venv/bin/python bench/api_load.py --json
@@ -61,15 +62,19 @@ def _client(base: str, key: str, paths: list[str], n: int, out: list[tuple[str, 
             out.append((path.rsplit("/", 1)[-1], (time.perf_counter() - started) * 1000, status))
 
 
-def _serve(workdir: Path, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    log = open(workdir / "serve.log", "ab")  # noqa: SIM115 - the child owns it
+def _start(workdir: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    log = open(workdir / f"{args[0]}.log", "ab")  # noqa: SIM115 - the child owns it
     return subprocess.Popen(
-        [sys.executable, "-m", "budgetpress", "serve", "--port", str(port)],
-        env=env,
-        cwd=workdir,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "budgetpress", *args], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
     )
+
+
+def _processes(workdir: Path, env: dict[str, str], port: int, split: bool) -> list[subprocess.Popen[bytes]]:
+    """``budgetpress serve`` (API and runner in one process), or with ``split`` the API alone
+    (``serve --no-runner``) beside a ``budgetpress runner`` process."""
+    if not split:
+        return [_start(workdir, env, "serve", "--port", str(port))]
+    return [_start(workdir, env, "serve", "--port", str(port), "--no-runner"), _start(workdir, env, "runner")]
 
 
 def _submit(base: str, key: str, args: argparse.Namespace) -> str:
@@ -80,14 +85,17 @@ def _submit(base: str, key: str, args: argparse.Namespace) -> str:
     return job_id
 
 
-def _wait_running(base: str, key: str, job_id: str, timeout_s: float) -> None:
+def _wait_trials(base: str, key: str, job_id: str, timeout_s: float) -> None:
+    """Until the job runs its search proper: past start-up, with trials in its study."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         job = httpx.get(f"{base}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
-        if job["state"] != "queued":
+        if job["state"] != "running" and job["state"] != "queued":
+            raise RuntimeError(f"the job ended {job['state']} before the measurement: {job['failure_reason']}")
+        if job["progress"]["trials_done"] >= 1:
             return
         time.sleep(0.3)
-    raise RuntimeError("the job did not start")
+    raise RuntimeError(f"the job had no complete trial within {timeout_s} s")
 
 
 def _measure(base: str, key: str, job_id: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -141,16 +149,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             check=True,
         )
         key = done.stdout.decode().strip().splitlines()[-1]
-        service = _serve(workdir, env, port)
+        processes = _processes(workdir, env, port, args.split)
         try:
             _wait_healthy(base, 120)
             job_id = _submit(base, key, args)
-            _wait_running(base, key, job_id, 120)
-            time.sleep(args.warmup_s)  # into the search proper, past start-up
-            return _measure(base, key, job_id, args)
+            _wait_trials(base, key, job_id, 600)
+            time.sleep(args.warmup_s)
+            return {
+                "mode": "serve --no-runner + runner" if args.split else "serve",
+                **_measure(base, key, job_id, args),
+            }
         finally:
-            service.send_signal(signal.SIGTERM)
-            service.wait(120)
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                process.wait(120)
 
 
 def main() -> int:
@@ -159,8 +172,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="total requests over all clients")
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--budget", default="35%")
-    parser.add_argument("--trials", type=int, default=40)
-    parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument("--trials", type=int, default=200, help="enough that the job runs through the measurement")
+    parser.add_argument("--warmup-s", type=float, default=1.0, help="after the first complete trial")
+    parser.add_argument(
+        "--split", action="store_true", help="the API (serve --no-runner) and the runner in separate processes"
+    )
     parser.add_argument("--storage", default=None, help="database URL (default: a SQLite file in a temp folder)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

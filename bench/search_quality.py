@@ -61,6 +61,11 @@ def _cells(space: str, counts: Counts) -> list[Cell]:
     return cells
 
 
+def _selected(cell: Cell, args: argparse.Namespace) -> bool:
+    space_ok = args.only_space is None or cell.space == args.only_space
+    return space_ok and (args.only_budget is None or cell.budget == args.only_budget)
+
+
 def _table(rows: list[dict[str, object]]) -> str:
     lines = [
         f"{'space':<19} {'budget':<17} {'strategy':<8} {'evals':>6} {'to 5%':>6} "
@@ -82,6 +87,8 @@ def main() -> None:
     parser.add_argument("--space", default="bits", help="bits (default), or with kv: bits,kv")
     parser.add_argument("--quick", action="store_true", help="few evaluations: a smoke run, not the figures")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only-space", default=None, help="run only the rows of this space, e.g. bits")
+    parser.add_argument("--only-budget", default=None, help="run only the rows of this budget, e.g. uniform-4bit")
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--calibration-sequences", type=int, default=8)
     parser.add_argument("--evaluation-sequences", type=int, default=16)
@@ -98,7 +105,12 @@ def main() -> None:
     )
     bench = SearchBench(config)
     started = time.perf_counter()
-    rows = [bench.run(cell).to_dict() for cell in _cells(args.space, config.counts)]
+    cells = [c for c in _cells(args.space, config.counts) if _selected(c, args)]
+    rows = []
+    for cell in cells:
+        rows.append(bench.run(cell).to_dict())
+        # Each row as it completes, so that an interrupted run still leaves its figures.
+        print(f"row {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     solve_s = ilp_solve_seconds()
     print(_table(rows), file=sys.stderr if args.json else sys.stdout)
     summary = f"{len(rows)} rows in {time.perf_counter() - started:.0f} s; ILP solve 10k×32: {solve_s:.3f} s"

@@ -1,5 +1,5 @@
-"""The budgetpress command line: ``search``, ``export``, ``model train-builtin``, ``model info``, and the
-service's ``serve``, ``runner`` and ``keys``.
+"""The budgetpress command line: ``search``, ``export``, ``plot``, ``dashboard``, ``model train-builtin``,
+``model info``, and the service's ``serve``, ``runner`` and ``keys``.
 
 Bad input exits with code 2 and one line on stderr; with ``--json`` stdout holds only JSON.
 """
@@ -102,6 +102,7 @@ def _build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     _add_service_commands(commands)
     _add_export_command(commands)
+    _add_dashboard_commands(commands)
     return parser
 
 
@@ -240,6 +241,7 @@ def _cmd_search(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume and not args.study:
         raise UsageError("--resume needs --study NAME: the study to continue")
     report = run_search(request, _BarProgress(args.trials))
+    _attach_plots(request.storage, request.study_name)
     if not args.json:
         print(_human_summary(report))
     return report.to_dict()
@@ -382,11 +384,72 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _add_dashboard_commands(commands: Any) -> None:
+    plot = commands.add_parser("plot", help="a study's Pareto front or best plan's per-layer allocation as PNG")
+    plot.add_argument("--storage", default=None, help=_STORAGE_HELP)
+    plot.add_argument("--study", required=True, help="the search's study name")
+    plot.add_argument("--kind", default="pareto", choices=["pareto", "allocation"])
+    plot.add_argument("--out", required=True, type=Path, help="the PNG file to write")
+    plot.add_argument("--attach", action="store_true", help="also attach both plots to the study (dashboard artifacts)")
+    plot.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    dash = commands.add_parser("dashboard", help="optuna-dashboard on the database, read-only, on 127.0.0.1")
+    dash.add_argument("--storage", default=None, help=_STORAGE_HELP)
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless --expose)")
+    dash.add_argument("--port", type=int, default=8080)
+    dash.add_argument("--artifacts", type=Path, default=None, help="plot artifacts (default: beside the database)")
+    dash.add_argument("--expose", action="store_true", help="allow a non-loopback --host (a private network only)")
+    dash.add_argument("-v", "--verbose", action="store_true")
+
+
+def _attach_plots(storage: str, study_name: str) -> None:
+    """Give a finished search's study its plots as dashboard artifacts; a failure to write them is
+    logged, not raised: the search itself is complete and recorded."""
+    from budgetpress import dashboard
+    from budgetpress.workers._export_job import load_study
+
+    root = dashboard.artifact_root_for(storage)
+    try:
+        dashboard.attach_plots(load_study(storage, study_name), root)
+    except OSError as error:
+        logging.getLogger(__name__).warning("could not attach the plots under %s: %s", root, error)
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> dict[str, Any]:
+    import os
+
+    from budgetpress import dashboard
+
+    storage = args.storage or os.environ.get("BUDGETPRESS_DATABASE_URL") or _default_storage()
+    if args.command == "dashboard":
+        root = args.artifacts or dashboard.artifact_root_for(storage)
+        print(f"optuna-dashboard (read-only) on http://{args.host}:{args.port}/dashboard/", file=sys.stderr, flush=True)
+        dashboard.serve_dashboard(storage, host=args.host, port=args.port, artifact_root=root, expose=args.expose)
+        return {}
+    from budgetpress.workers._export_job import load_study
+
+    study = load_study(storage, args.study)
+    data = dashboard.study_plot(study, args.kind)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(data)
+    result: dict[str, Any] = {"study": args.study, "kind": args.kind, "out": str(args.out), "bytes": len(data)}
+    if args.attach:
+        root = dashboard.artifact_root_for(storage)
+        result["artifacts"] = dashboard.attach_plots(study, root)
+        result["artifact_root"] = str(root)
+    if not args.json:
+        print(f"wrote the {args.kind} plot of study {args.study} to {args.out} ({len(data):,} bytes)")
+        for kind, artifact in result.get("artifacts", {}).items():
+            print(f"attached the {kind} plot as artifact {artifact} under {result['artifact_root']}")
+    return result
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "search":
         return _cmd_search(args)
     if args.command == "export":
         return _cmd_export(args)
+    if args.command in ("plot", "dashboard"):
+        return _cmd_dashboard(args)
     if args.command in ("serve", "runner", "keys"):
         return _cmd_service(args)
     if args.model_command == "train-builtin":

@@ -147,18 +147,18 @@ class _Slot:
         self.pid, node = ray.get(ref, timeout=timeout)
         self._local = node == ray.get_runtime_context().get_node_id()
 
-    def kill(self) -> None:
+    def kill(self, *, alive: bool = True) -> None:
         """Kill the actor now. Ray alone waits a grace period for a stopped process (SIGSTOP); the
-        process of an actor on this node is also sent SIGKILL, so its CPU is free at once."""
+        process of a live actor on this node is also sent SIGKILL, so its CPU is free at once."""
         ray.kill(self.actor, no_restart=True)
-        if self.pid is not None and self._local:
+        if alive and self.pid is not None and self._local:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
         self.pid = None
         self.starting = None
 
-    def replace(self) -> None:
-        self.kill()
+    def replace(self, *, alive: bool) -> None:
+        self.kill(alive=alive)
         self.start()
 
 
@@ -297,7 +297,7 @@ class _Round:
         except RayTaskError as error:
             self._outcomes[attempt.index] = Outcome(failure=f"evaluation raised {_root_cause(error)}")
         except RayError as error:  # the worker died (killed, crashed, out of memory)
-            self._lost(attempt, f"worker died during the evaluation: {_root_cause(error)}")
+            self._lost(attempt, f"worker died during the evaluation: {_root_cause(error)}", alive=False)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -308,12 +308,13 @@ class _Round:
                     attempt,
                     f"the evaluation overran its lease of {self._pool.lease_s:g} s on {attempt.slot.worker_id}; "
                     "its worker was killed",
+                    alive=True,
                 )
 
-    def _lost(self, attempt: _Attempt, reason: str) -> None:
+    def _lost(self, attempt: _Attempt, reason: str, *, alive: bool) -> None:
         """Replace the lost worker; run the evaluation once more, or fail it after its second loss."""
         plan_key = self._plans[attempt.index].key[:12]
-        attempt.slot.replace()
+        attempt.slot.replace(alive=alive)
         if attempt.number < MAX_ATTEMPTS:
             logger.warning("plan %s: %s; evaluating it again on a fresh worker", plan_key, reason)
             self._losses[attempt.index] = reason

@@ -117,6 +117,13 @@ def service(db_url: str, model_root: Path) -> Iterator[Service]:
     made.db.dispose()
 
 
+def runner_job(**overrides: Any) -> dict[str, Any]:
+    """A job the runner tests run for real: the built-in model (its byte-level tokens are read at
+    once; the micro model's tokenizer encodes the whole corpus in each worker), RTN weights (no
+    calibration pass), 128-token windows (the service settings above)."""
+    return job_body("builtin", **{"methods": "bits=rtn", "budget": "40%", **overrides})
+
+
 def job_body(model: str, **overrides: Any) -> dict[str, Any]:
     """A small job on the micro model."""
     body: dict[str, Any] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,13 +31,19 @@ def study_trials(url: str, study_name: str) -> list[optuna.trial.FrozenTrial]:
         storage.engine.dispose()
 
 
-def evaluator_processes() -> list[psutil.Process]:
-    """Ray actor processes of the evaluators (their titles read ``ray::EvaluatorActor...``)."""
+def evaluator_processes(root: int | None = None) -> list[psutil.Process]:
+    """Ray actor processes of the evaluators (their titles read ``ray::EvaluatorActor...``) under
+    ``root`` (this test process by default: a local cluster's processes are its descendants), so
+    no test ever signals a process of anything else running on the machine."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info.get("cmdline") or [])
-        if "EvaluatorActor" in cmdline:
-            found.append(process)
+    try:
+        descendants = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    for process in descendants:
+        with contextlib.suppress(psutil.Error):
+            if "EvaluatorActor" in " ".join(process.cmdline()) and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
     return found
 
 

@@ -68,10 +68,12 @@ def _plans(micro_model_dir: Path, bits: tuple[int, ...]) -> list[Plan]:
 
 
 def _evaluator_pids() -> set[int]:
+    """This test process's Ray evaluator actors (the local cluster's processes are its descendants)."""
     found = set()
-    for process in psutil.process_iter(["cmdline"]):
-        if "EvaluatorActor" in " ".join(process.info.get("cmdline") or []):
-            found.add(process.pid)
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "EvaluatorActor" in " ".join(process.cmdline()):
+                found.add(process.pid)
     return found
 
 
@@ -107,11 +109,13 @@ def _gone(pid: int, *, timeout_s: float) -> bool:
 def test_a_killed_worker_is_replaced_and_its_evaluation_run_again(pool: WorkerPool, micro_model_dir: Path) -> None:
     plans = _plans(micro_model_dir, (2, 8, 3, 4))
     expected = [o.result.kl for o in pool.evaluate(plans) if o.result is not None]
+    known = set(pool.worker_pids())
     victim = pool.worker_pids()[0]
     os.kill(victim, signal.SIGSTOP)  # it takes its next plan and hangs on it until killed
     thread, out = _in_background(pool, plans)
     time.sleep(0.5)
     os.kill(victim, signal.SIGKILL)
+    assert _wait_new_pid(known)
     thread.join(120)
     assert [o.result.kl for o in out[0] if o.result is not None] == expected
     assert victim not in pool.worker_pids() and len(set(pool.worker_pids())) == 2
@@ -123,9 +127,7 @@ def test_a_second_death_fails_the_evaluation_with_its_reason(pool: WorkerPool, m
     thread, out = _in_background(pool, _plans(micro_model_dir, (4,)))  # one plan: it goes to worker-0
     time.sleep(0.5)
     os.kill(pids[0], signal.SIGKILL)
-    newpid = _wait_new_pid(set(pids))
-    print("DBG", pids, newpid, psutil.Process(newpid).cmdline(), psutil.Process(newpid).status(), [(s.pid, s.starting) for s in pool.slots])
-    os.kill(newpid, signal.SIGKILL)  # the replacement dies while it loads the model
+    os.kill(_wait_new_pid(set(pids)), signal.SIGKILL)  # the replacement dies while it loads the model
     thread.join(120)
     [outcome] = out[0]
     assert outcome.failure is not None and outcome.failure.count("worker died during the evaluation") == 2
