@@ -126,10 +126,12 @@ def create_app(settings: ServiceSettings, db: Database | None = None) -> FastAPI
     _install_handlers(app)
     _system_routes(app)
     _job_routes(app)
-    # Imported here: the plot routes use this module's dependencies (context, auth, job lookup).
+    # Imported here: the plot and export routes use this module's dependencies (context, auth, job lookup).
+    from budgetpress.api._exports_routes import exports_router
     from budgetpress.api._plots_routes import plots_router
 
     app.include_router(plots_router)
+    app.include_router(exports_router)
     return app
 
 

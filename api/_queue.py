@@ -13,10 +13,11 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from budgetpress.api._db import Database
 from budgetpress.api._jobs import JobRecord, to_record
-from budgetpress.api._tables import Job, JobState, utcnow
+from budgetpress.api._tables import Export, Job, JobState, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -25,33 +26,39 @@ _HELD = (JobState.RUNNING.value, JobState.CANCELLING.value)
 
 def claim(db: Database, *, owner: str, lease_s: float) -> JobRecord | None:
     """Take the oldest queued job: running, owned by ``owner``, attempt + 1, under a fresh lease."""
-    now = utcnow()
     with db.writing() as session:
-        # SKIP LOCKED on PostgreSQL; on SQLite the whole transaction holds the write lock.
-        job_id = session.scalar(
-            select(Job.id)
-            .where(Job.state == JobState.QUEUED.value)
-            .order_by(Job.created_at, Job.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
+        job_id = claim_oldest(session, Job, owner=owner, lease_s=lease_s)
+        return None if job_id is None else to_record(session.get_one(Job, job_id, populate_existing=True))
+
+
+def claim_oldest(session: Session, table: type[Job] | type[Export], *, owner: str, lease_s: float) -> str | None:
+    """In ``session``, move the oldest queued row of a queue table (jobs, exports) to running, owned by
+    ``owner``, attempt + 1, under a fresh lease; its id, or None when nothing is queued. (Both
+    tables' state enums spell ``queued`` and ``running`` alike.)"""
+    now = utcnow()
+    # SKIP LOCKED on PostgreSQL; on SQLite the whole transaction holds the write lock.
+    row_id = session.scalar(
+        select(table.id)
+        .where(table.state == "queued")
+        .order_by(table.created_at, table.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    if row_id is None:
+        return None
+    result = session.execute(
+        update(table)
+        .where(table.id == row_id, table.state == "queued")
+        .values(
+            state="running",
+            owner=owner,
+            attempts=table.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            started_at=now,
+            updated_at=now,
         )
-        if job_id is None:
-            return None
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
-            .values(
-                state=JobState.RUNNING.value,
-                owner=owner,
-                attempts=Job.attempts + 1,
-                lease_expires_at=now + timedelta(seconds=lease_s),
-                started_at=now,
-                updated_at=now,
-            )
-        )
-        if not getattr(result, "rowcount", 0):
-            return None
-        return to_record(session.get_one(Job, job_id, populate_existing=True))
+    )
+    return row_id if getattr(result, "rowcount", 0) else None
 
 
 def renew(db: Database, *, owner: str, job_ids: list[str], lease_s: float) -> dict[str, JobState]:

@@ -1,5 +1,6 @@
 """The job runner: claims queued jobs, runs each search in a thread against one shared Ray cluster,
-renews the leases of the jobs it holds, and reaps the expired leases of others.
+renews the leases of the jobs it holds, and reaps the expired leases of others. Exports are claimed,
+leased and reaped the same way, beside the jobs (``ExportRunner``).
 
 A job's progress is written to its row after every trial; a job whose row says ``cancelling`` (or
 whose lease this runner lost) is stopped by raising from the progress callback, which the search
@@ -22,6 +23,7 @@ from optuna.storages import RDBStorage
 from sqlalchemy.engine import make_url
 
 from budgetpress.api._db import Database, optuna_storage_url
+from budgetpress.api._export_runs import ExportRunner
 from budgetpress.api._jobs import JobRecord
 from budgetpress.api._locks import MODEL_WORK
 from budgetpress.api._queue import claim, finish, reap, record_progress, release, renew
@@ -30,6 +32,7 @@ from budgetpress.api._settings import ServiceSettings
 from budgetpress.api._tables import JobState
 from budgetpress.api._trials import StudyProgress, fail_running_trials
 from budgetpress.api._trialsql import study_progress
+from budgetpress.dashboard import attach_finished_study_plots
 from budgetpress.search import TrialRecord
 from budgetpress.workers import run_search, start_ray
 
@@ -77,6 +80,11 @@ class JobProgress:
         progress = self._runner.progress_of(self._handle.job.study_name)
         self._write(trials_done=progress.complete, best_kl=progress.best_kl)
 
+    def check(self) -> None:
+        """Stop at once when the lease loop has seen a cancel, a lost lease or a shutdown."""
+        if self._handle.stop_reason is not None:
+            raise JobStopped(self._handle.stop_reason)
+
     def _write(self, **values: object) -> None:
         handle = self._handle
         state = record_progress(self._runner.db, job_id=handle.job.id, owner=self._runner.boot_id, **values)
@@ -103,6 +111,9 @@ class Runner:
         self._threads: list[threading.Thread] = []
         self._lock_file: IO[str] | None = None
         self._owns_ray = False
+        self.exports = ExportRunner(
+            db=db, settings=settings, owner=self.boot_id, storage_url=self.storage_url, stopping=self._stopping
+        )
 
     def start(self) -> None:
         if self.db.sqlite:
@@ -140,6 +151,7 @@ class Runner:
             handle.stop_reason = handle.stop_reason or "runner shutting down"
         for thread in [*self._threads, *(h.thread for h in handles if h.thread is not None)]:
             thread.join(timeout_s)
+        self.exports.stop(timeout_s)
         self.storage.engine.dispose()
         if self._owns_ray:
             ray.shutdown()
@@ -160,6 +172,7 @@ class Runner:
         for item in reap(self.db, max_attempts=self.settings.max_attempts):
             if item.state is not JobState.QUEUED:
                 fail_running_trials(self.storage, item.study_name, item.state.value)
+        self.exports.reap()
 
     def claim_one(self) -> bool:
         """Claim and start one job if a slot is free; True if one was started."""
@@ -179,6 +192,7 @@ class Runner:
         while not self._stopping.is_set():
             try:
                 started = self.claim_one()
+                started = self.exports.claim_one() or started
             except Exception:  # a database hiccup must not end the loop; it is logged and retried
                 logger.exception("runner %s: claiming a job failed; retrying", self.boot_id)
                 started = False
@@ -197,6 +211,7 @@ class Runner:
     def _renew(self) -> None:
         with self._lock:
             handles = dict(self._handles)
+        self.exports.renew()
         held = renew(self.db, owner=self.boot_id, job_ids=list(handles), lease_s=self.settings.lease_s)
         for job_id, handle in handles.items():
             if job_id not in held:
@@ -236,6 +251,8 @@ class Runner:
             final = finish(
                 self.db, job_id=job.id, owner=self.boot_id, state=JobState.SUCCEEDED, report=report.to_dict()
             )
+            if final is JobState.SUCCEEDED:
+                attach_finished_study_plots(self.storage_url, job.study_name)
             logger.info("job %s: %s", job.id, final.value if final else "lost before it finished")
         finally:
             handle.release_model_lock()

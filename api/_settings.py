@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.engine import make_url
 
 ENV_PREFIX = "BUDGETPRESS_"
 DATABASE_ENV = "BUDGETPRESS_DATABASE_URL"
+EXPORTS_FOLDER = "budgetpress-exports"
 
 
 def default_database_url() -> str:
@@ -26,6 +28,7 @@ class ServiceSettings(BaseModel):
     model_root: Path | None = None
     allowed_hub_ids: tuple[str, ...] = ()
     store_root: str | None = None
+    export_root: Path | None = None
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 2**20)
     max_concurrent_jobs: int = Field(4, ge=1, le=1000)
     max_trials: int = Field(2000, ge=1, le=100_000)
@@ -39,6 +42,16 @@ class ServiceSettings(BaseModel):
     seq_len: int = Field(512, ge=16, le=65536)
     calibration_sequences: int = Field(16, ge=1, le=4096)
     evaluation_sequences: int = Field(16, ge=1, le=4096)
+
+    def export_dir(self) -> Path:
+        """Where exports go (each in ``<dir>/<export id>/``): ``export_root``, else a folder
+        ``budgetpress-exports`` beside a SQLite database file, else in the working directory."""
+        if self.export_root is not None:
+            return self.export_root.expanduser().resolve()
+        url = make_url(self.database_url)
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            return Path(url.database).expanduser().resolve().parent / EXPORTS_FOLDER
+        return Path.cwd().resolve() / EXPORTS_FOLDER
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ServiceSettings:

@@ -1,4 +1,4 @@
-"""The service's own tables: tenants, API keys, jobs (the queue) and idempotency records.
+"""The service's own tables: tenants, API keys, jobs (the queue), idempotency records and exports.
 
 Optuna's tables (studies, trials, ...) live in the same database; ours carry the ``bp_`` prefix and
 their own Alembic version table so the two schemas never touch.
@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     Dialect,
     Float,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -36,6 +38,13 @@ class JobState(StrEnum):
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING})
+
+
+class ExportState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -117,3 +126,44 @@ class IdempotencyRecord(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str] = mapped_column(ForeignKey("bp_jobs.id"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+_LIVE_EXPORT = text("state != 'failed'")
+
+
+class Export(Base):
+    """One export of a succeeded job's trial; also a queue, claimed by runners as jobs are.
+
+    At most one export per (job, trial as asked, format) that has not failed: a partial unique index."""
+
+    __tablename__ = "bp_exports"
+    __table_args__ = (
+        Index("ix_bp_exports_state_created", "state", "created_at"),
+        Index("ix_bp_exports_job_created", "job_id", "created_at"),
+        Index(
+            "uq_bp_exports_live",
+            "job_id",
+            "trial",
+            "format",
+            unique=True,
+            sqlite_where=_LIVE_EXPORT,
+            postgresql_where=_LIVE_EXPORT,
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("bp_jobs.id"))
+    trial: Mapped[str] = mapped_column(String(16))
+    format: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    trial_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    report_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    archive_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -95,7 +95,14 @@ def _build_parser() -> argparse.ArgumentParser:
     train = model.add_parser("train-builtin", help="train the built-in model from its recipe")
     train.add_argument("--preset", default="full", choices=["full", "micro"])
     train.add_argument("--out", required=True, type=Path, help="directory to write weights, config and manifest")
-    train.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    train.add_argument("--steps", type=int, default=None, help="override the first phase's step count")
+    train.add_argument(
+        "--first-phase-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="skip the first phase: continue from the checkpoint it wrote in DIR (same preset)",
+    )
     train.add_argument("--json", action="store_true")
     info = model.add_parser("info", help="describe a model")
     info.add_argument("name", help="'builtin' or a local directory")
@@ -204,6 +211,9 @@ class _BarProgress:
             self._bar = None
         print(f"budgetpress: {text}", file=sys.stderr, flush=True)
 
+    def check(self) -> None:
+        """Never stops a search: Ctrl-C does."""
+
     def trial(self, record: Any, done: int, total: int) -> None:
         from tqdm import tqdm
 
@@ -241,7 +251,9 @@ def _cmd_search(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume and not args.study:
         raise UsageError("--resume needs --study NAME: the study to continue")
     report = run_search(request, _BarProgress(args.trials))
-    _attach_plots(request.storage, request.study_name)
+    from budgetpress.dashboard import attach_finished_study_plots
+
+    attach_finished_study_plots(request.storage, request.study_name)
     if not args.json:
         print(_human_summary(report))
     return report.to_dict()
@@ -252,20 +264,32 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
     from budgetpress.evaluators import PRESETS, train_builtin
 
-    steps = args.steps if args.steps is not None else PRESETS[args.preset].steps
+    recipe = PRESETS[args.preset]
+    steps = args.steps if args.steps is not None else recipe.steps
     if steps < 1:
         raise UsageError(f"--steps must be at least 1; got {steps}")
-    with tqdm(total=steps, desc=f"training {args.preset}", unit="step", file=sys.stderr) as bar:
+    if args.first_phase_from is not None and args.steps is not None:
+        raise UsageError("--steps sets the first phase, which --first-phase-from skips; give one of them")
+    lookup_steps = 0 if recipe.lookup is None else recipe.lookup.steps
+    total = lookup_steps + (0 if args.first_phase_from is not None else steps)
+    with tqdm(total=total, desc=f"training {args.preset}", unit="step", file=sys.stderr) as bar:
 
         def on_step(step: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update(1)
 
-        manifest = train_builtin(preset=args.preset, out_dir=args.out, steps=args.steps, on_step=on_step)
+        manifest = train_builtin(
+            preset=args.preset,
+            out_dir=args.out,
+            steps=args.steps,
+            on_step=on_step,
+            first_phase_from=args.first_phase_from,
+        )
     if not args.json:
         print(
             f"wrote {args.out}: {manifest['n_params']} parameters, held-out "
             f"{manifest['heldout_bits_per_byte']} bits per byte"
+            + ("" if manifest["lookup"] is None else f", recall accuracy {manifest['lookup']['recall_accuracy']}")
         )
     return {"out": str(args.out), **{k: manifest[k] for k in ("n_params", "heldout_bits_per_byte", "weights_sha256")}}
 
@@ -399,19 +423,6 @@ def _add_dashboard_commands(commands: Any) -> None:
     dash.add_argument("--artifacts", type=Path, default=None, help="plot artifacts (default: beside the database)")
     dash.add_argument("--expose", action="store_true", help="allow a non-loopback --host (a private network only)")
     dash.add_argument("-v", "--verbose", action="store_true")
-
-
-def _attach_plots(storage: str, study_name: str) -> None:
-    """Give a finished search's study its plots as dashboard artifacts; a failure to write them is
-    logged, not raised: the search itself is complete and recorded."""
-    from budgetpress import dashboard
-    from budgetpress.workers._export_job import load_study
-
-    root = dashboard.artifact_root_for(storage)
-    try:
-        dashboard.attach_plots(load_study(storage, study_name), root)
-    except OSError as error:
-        logging.getLogger(__name__).warning("could not attach the plots under %s: %s", root, error)
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,7 +9,14 @@ from budgetpress.dashboard._server import (
     readonly_url,
     serve_dashboard,
 )
-from budgetpress.dashboard._study import ARTIFACTS_ENV, PlotKind, artifact_root_for, attach_plots, study_plot
+from budgetpress.dashboard._study import (
+    ARTIFACTS_ENV,
+    PlotKind,
+    artifact_root_for,
+    attach_finished_study_plots,
+    attach_plots,
+    study_plot,
+)
 
 __all__ = [
     "ARTIFACTS_ENV",
@@ -17,6 +24,7 @@ __all__ = [
     "allocation_of",
     "allocation_png",
     "artifact_root_for",
+    "attach_finished_study_plots",
     "attach_plots",
     "check_host",
     "dashboard_app",

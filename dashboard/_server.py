@@ -24,6 +24,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
+from budgetpress.search import best_trial_of
+
 logger = logging.getLogger(__name__)
 
 SQLITE_READ_TIMEOUT_S = 30.0
@@ -80,6 +82,14 @@ class ReadOnlyStorage(RDBStorage):
         self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
     ) -> list[FrozenTrial]:
         return [with_constraints(t) for t in super().get_all_trials(study_id, deepcopy=deepcopy, states=states)]
+
+    def get_best_trial(self, study_id: int) -> FrozenTrial:
+        """The dashboard's "best trial": the search's own pick (feasible, at the highest fidelity
+        measured), not Optuna's lowest value, which may be the over-budget dense reference. With no
+        feasible trial yet, Optuna's pick: the dashboard asks only once a trial is complete, and
+        its page needs one."""
+        best = best_trial_of(super().get_all_trials(study_id, deepcopy=False))
+        return with_constraints(best if best is not None else super().get_best_trial(study_id))
 
 
 def readonly_storage(url: str) -> RDBStorage:

@@ -83,3 +83,17 @@ def attach_plots(study: optuna.Study, artifact_root: Path) -> dict[str, str]:
             )
             logger.info("attached %s to study %s", name, study.study_name)
     return ids
+
+
+def attach_finished_study_plots(storage_url: str, study_name: str) -> dict[str, str]:
+    """``attach_plots`` for a search that has just finished, under ``artifact_root_for(storage_url)``.
+
+    A failure to write them is logged, not raised: the search itself is complete and recorded, and
+    the plots can be made again (``budgetpress plot``, the API's plot routes) from its trials.
+    """
+    root = artifact_root_for(storage_url)
+    try:
+        return attach_plots(optuna.load_study(storage=storage_url, study_name=study_name), root)
+    except OSError as error:
+        logger.warning("could not attach the plots of study %s under %s: %s", study_name, root, error)
+        return {}

@@ -132,3 +132,24 @@ def make_recall_sequence(rng: np.random.Generator, *, length: int, filler: np.nd
     for start, end in answer_spans:
         mask[tail_start + start : tail_start + end] = True
     return RecallSequence(tokens=np.frombuffer(data, dtype=np.uint8).copy(), answer_mask=mask)
+
+
+def make_copy_sequence(rng: np.random.Generator, *, length: int, filler: np.ndarray) -> RecallSequence:
+    """Code with one random string written twice, at a random distance: ``answer_mask`` marks the
+    second copy after its first byte. Predicting it needs a lookup by content (find the earlier
+    copy, read what follows), the skill recall rests on, and a model learns it from these rows
+    far faster than from recall rows, whose answers are a few bytes in a hundred."""
+    word_length = int(rng.integers(8, 40))
+    if length < 2 * word_length + 8:
+        raise ValueError(f"a copy sequence needs at least {2 * word_length + 8} bytes; got {length}")
+    word = rng.choice(_KEY_ALPHABET, size=word_length)
+    gap = int(rng.integers(4, length - 2 * word_length - 3))
+    lead = int(rng.integers(0, length - 2 * word_length - gap + 1))
+    offset = int(rng.integers(0, len(filler) - length))
+    tokens = filler[offset : offset + length].copy()
+    second = lead + word_length + gap
+    tokens[lead : lead + word_length] = word
+    tokens[second : second + word_length] = word
+    mask = np.zeros(length, dtype=bool)
+    mask[second + 1 : second + word_length] = True
+    return RecallSequence(tokens=tokens, answer_mask=mask)

@@ -59,17 +59,72 @@ def _consecutive_windows(stream: np.ndarray, *, n: int, seq_len: int) -> torch.T
     return torch.from_numpy(stream[: n * seq_len].reshape(n, seq_len).astype(np.int64))
 
 
+# Tokenizing the whole corpus costs seconds at every worker start; a window needs only a stretch of
+# text a few bytes per token long, doubled until it holds enough tokens.
+_BYTES_PER_TOKEN_GUESS = 4
+
+
+def _encode_bytes(data: np.ndarray, encode: Encoder) -> np.ndarray:
+    return np.asarray(encode(data.tobytes().decode("utf-8", "replace")), dtype=np.int64)
+
+
+def _tokens_from(stream: np.ndarray, start: int, count: int, encode: Encoder) -> np.ndarray:
+    """The first ``count`` tokens of the text at byte ``start`` (the text ending the stream if too little follows)."""
+    span = count * _BYTES_PER_TOKEN_GUESS
+    while True:
+        tokens = _encode_bytes(stream[start : start + span], encode)
+        if len(tokens) >= count:
+            return tokens[:count]
+        if start + span >= len(stream):
+            break
+        span *= 2
+    # Too little text follows ``start``: take the window that ends the stream instead.
+    span = count * _BYTES_PER_TOKEN_GUESS
+    while True:
+        tail = stream[max(0, len(stream) - span) :]
+        tokens = _encode_bytes(tail, encode)
+        if len(tokens) >= count or len(tail) == len(stream):
+            break
+        span *= 2
+    if len(tokens) < count:
+        raise ValueError(f"the text has {len(tokens)} tokens; at least {count} are needed")
+    return tokens[-count:]
+
+
+def encoded_random_windows(stream: np.ndarray, encode: Encoder, *, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens at random places in a byte stream, in ``encode``'s tokens."""
+    if encode is byte_encoder:
+        return _random_windows(stream, n=n, seq_len=seq_len, seed=seed)
+    if len(stream) < seq_len + 1:
+        raise ValueError(f"the calibration text has {len(stream)} bytes; at least {seq_len + 1} are needed")
+    starts = np.random.default_rng(seed).integers(0, len(stream) - seq_len, size=n)
+    return torch.from_numpy(np.stack([_tokens_from(stream, int(start), seq_len, encode) for start in starts]))
+
+
+def encoded_consecutive_windows(stream: np.ndarray, encode: Encoder, *, n: int, seq_len: int) -> torch.Tensor:
+    """The first ``n`` windows of ``seq_len`` tokens of a byte stream, in ``encode``'s tokens."""
+    if encode is byte_encoder:
+        return _consecutive_windows(stream, n=n, seq_len=seq_len)
+    # One window more than needed, so that the tokens kept never meet the cut through the text.
+    wanted = (n + 1) * seq_len
+    span = wanted * _BYTES_PER_TOKEN_GUESS
+    tokens = _encode_bytes(stream[:span], encode)
+    while len(tokens) < wanted and span < len(stream):
+        span *= 2
+        tokens = _encode_bytes(stream[:span], encode)
+    return _consecutive_windows(tokens, n=n, seq_len=seq_len)
+
+
 def builtin_token_sets(spec: TokenSpec, encode: Encoder) -> TokenSets:
     """Calibration from the corpus' training files, evaluation from its held-out files."""
     files = list_corpus_files()
     train = read_stream(files.root, files.train)
     heldout = read_stream(files.root, files.heldout)
-    if encode is not byte_encoder:
-        train = np.asarray(encode(train.tobytes().decode("utf-8", "replace")), dtype=np.int64)
-        heldout = np.asarray(encode(heldout.tobytes().decode("utf-8", "replace")), dtype=np.int64)
     return TokenSets(
-        calibration=_random_windows(train, n=spec.calibration_sequences, seq_len=spec.seq_len, seed=spec.seed),
-        evaluation=_consecutive_windows(heldout, n=spec.evaluation_sequences, seq_len=spec.seq_len),
+        calibration=encoded_random_windows(
+            train, encode, n=spec.calibration_sequences, seq_len=spec.seq_len, seed=spec.seed
+        ),
+        evaluation=encoded_consecutive_windows(heldout, encode, n=spec.evaluation_sequences, seq_len=spec.seq_len),
     )
 
 

@@ -35,10 +35,10 @@ from budgetpress.evaluators._corpus import list_corpus_files, make_recall_sequen
 from budgetpress.evaluators._data import (
     Encoder,
     TokenSpec,
-    _consecutive_windows,
-    _random_windows,
     byte_encoder,
     check_text_files,
+    encoded_consecutive_windows,
+    encoded_random_windows,
     text_file_token_sets,
 )
 from budgetpress.evaluators._metrics import kl_and_ppl
@@ -193,12 +193,6 @@ def _mixed_split(
     return KVSequences(tokens, mask, spec.prefill_len)
 
 
-def _encode_stream(stream: np.ndarray, encode: Encoder) -> np.ndarray:
-    if encode is byte_encoder:
-        return stream
-    return np.asarray(encode(stream.tobytes().decode("utf-8", "replace")), dtype=np.int64)
-
-
 def builtin_kv_token_sets(spec: KVTokenSpec, encode: Encoder = byte_encoder) -> KVTokenSets:
     """The built-in corpus: calibration from its training files, evaluation from its held-out files.
 
@@ -213,8 +207,8 @@ def builtin_kv_token_sets(spec: KVTokenSpec, encode: Encoder = byte_encoder) -> 
     train = read_stream(files.root, files.train)
     heldout = read_stream(files.root, files.heldout)
     n_cal, n_eval, length = spec.calibration_sequences, spec.evaluation_sequences, spec.seq_len
-    calibration = _random_windows(_encode_stream(train, encode), n=n_cal, seq_len=length, seed=spec.seed)
-    evaluation = _consecutive_windows(_encode_stream(heldout, encode), n=n_eval, seq_len=length)
+    calibration = encoded_random_windows(train, encode, n=n_cal, seq_len=length, seed=spec.seed)
+    evaluation = encoded_consecutive_windows(heldout, encode, n=n_eval, seq_len=length)
     return KVTokenSets(
         calibration=_mixed_split(calibration, train, spec, Split.CALIBRATION, recall=recall),
         evaluation=_mixed_split(evaluation, heldout, spec, Split.EVALUATION, recall=recall),

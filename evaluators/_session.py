@@ -91,10 +91,21 @@ def build_store(spec: SessionSpec, space: SearchSpace, *, progress: bool = True)
     return store.build(model, wanted, calibration_tokens=sets.calibration, progress=progress)
 
 
+def evaluation_device() -> torch.device:
+    """The GPU where this process sees one (a Ray worker that was given one), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def open_session(spec: SessionSpec) -> EvaluationSession:
-    """Load the model, token sets and level store, and compute the dense references once."""
+    """Load the model, token sets and level store, and compute the dense references once.
+
+    On a GPU plans run on the packed Triton kernels; on the CPU each variant runs as the weight its
+    packed module dequantizes to. The model stays float32 on both: the level store is keyed by the
+    dtype it was built from (``build_store``, on the CPU).
+    """
     source = resolve_model(spec.model)
     model = load_model(source)
+    model.to(evaluation_device())  # type: ignore[arg-type]  # transformers wraps `to` with a mistyped decorator
     profile = profile_model(model, name=source.spec)
     encode = encoder_for(source)
     sets = make_token_sets(spec.tokens, encode)

@@ -2,7 +2,15 @@
 
 from budgetpress.search._base import Outcome, Strategy, scoped
 from budgetpress.search._budget import CostedSpace, fit_to_budget
-from budgetpress.search._controller import Controller, Evaluate, TrialRecord, best_plan, open_study, sampler_for
+from budgetpress.search._controller import (
+    Controller,
+    Evaluate,
+    TrialRecord,
+    best_plan,
+    best_trial_of,
+    open_study,
+    sampler_for,
+)
 from budgetpress.search._evolution import DEFAULT_STAGES, EvolutionaryStrategy, Stage, stages_for
 from budgetpress.search._factory import STRATEGIES, StrategySetup, make_strategy
 from budgetpress.search._hybrid import HybridStrategy
@@ -31,6 +39,7 @@ __all__ = [
     "TrialRecord",
     "UniformStrategy",
     "best_plan",
+    "best_trial_of",
     "fit_to_budget",
     "known_fitness_of",
     "make_strategy",

@@ -60,6 +60,7 @@ class Controller:
         evaluate: Evaluate,
         batch_size: int,
         on_trial: Callable[[TrialRecord], None] | None = None,
+        before_batch: Callable[[], None] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1; got {batch_size}")
@@ -70,6 +71,7 @@ class Controller:
         self._evaluate = evaluate
         self._batch_size = batch_size
         self._on_trial = on_trial
+        self._before_batch = before_batch
 
     def run(self, n_trials: int) -> list[TrialRecord]:
         """Run until ``n_trials`` plans have been evaluated (or refused), or the strategy is done.
@@ -81,6 +83,10 @@ class Controller:
         records: list[TrialRecord] = []
         reused_in_a_row = 0
         while len(records) < n_trials and reused_in_a_row < _MAX_REUSED_ASKS:
+            if self._before_batch is not None:
+                # Raises to stop the run (a cancel): checked before every batch, since a run of
+                # reused plans opens no trial and so calls no ``on_trial``.
+                self._before_batch()
             plans = self._strategy.ask(min(self._batch_size, n_trials - len(records)))
             if not plans:
                 logger.info("strategy %s has no more plans after %d trials", self._strategy.name, len(records))
@@ -177,17 +183,26 @@ def best_plan(study: optuna.Study, *, budget_bytes: int | None = None) -> tuple[
     compete: the full-fidelity ones (``fidelity`` None or absent: the whole split) when any exist,
     else those at the largest token budget evaluated. Ties go to the earlier trial.
     """
-    trials = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if t.value is not None and _feasible(t, budget_bytes)
-    ]
-    if not trials:
+    trial = best_trial_of(study.get_trials(deepcopy=False), budget_bytes=budget_bytes)
+    if trial is None:
         within = "" if budget_bytes is None else f" within {budget_bytes} bytes"
         raise ValueError(f"study {study.study_name!r} has no feasible complete trial{within}")
-    top = max(_fidelity_rank(t) for t in trials)
-    trial = min((t for t in trials if _fidelity_rank(t) == top), key=lambda t: (t.value, t.number))
     return Plan.from_json(trial.user_attrs["plan_json"]), trial
+
+
+def best_trial_of(
+    trials: Sequence[optuna.trial.FrozenTrial], *, budget_bytes: int | None = None
+) -> optuna.trial.FrozenTrial | None:
+    """The trial ``best_plan`` picks among ``trials`` (see there); None if none is feasible and complete."""
+    candidates = [
+        t
+        for t in trials
+        if t.state is optuna.trial.TrialState.COMPLETE and t.value is not None and _feasible(t, budget_bytes)
+    ]
+    if not candidates:
+        return None
+    top = max(_fidelity_rank(t) for t in candidates)
+    return min((t for t in candidates if _fidelity_rank(t) == top), key=lambda t: (t.value, t.number))
 
 
 def _fidelity_rank(trial: optuna.trial.FrozenTrial) -> float:

@@ -191,6 +191,9 @@ class Progress(Protocol):
 
     def trial(self, record: TrialRecord, done: int, total: int) -> None: ...
 
+    def check(self) -> None:
+        """Raise to stop the search; called before every batch of plans, so a stop never waits for a trial."""
+
 
 class _Silent:
     shows_bars = False
@@ -200,6 +203,9 @@ class _Silent:
 
     def trial(self, record: TrialRecord, done: int, total: int) -> None:
         logger.debug("trial %d (%d/%d)", record.number, done, total)
+
+    def check(self) -> None:
+        """Never stops a search."""
 
 
 def check_request(request: SearchRequest) -> tuple[SearchSpace, CostedSpace, list[int]]:
@@ -408,6 +414,7 @@ def _search_each_budget(
             evaluate=pool.evaluate,
             batch_size=pool.size,
             on_trial=on_trial,
+            before_batch=progress.check,
         ).run(left)
 
 

@@ -34,9 +34,11 @@ from budgetpress.space import Plan, Result, Split
 logger = logging.getLogger(__name__)
 
 RAY_AUTH_MODE = "disabled"  # a loopback-only cluster started and owned by this process
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
 START_TIMEOUT_S = 300
 LEASE_ENV = "BUDGETPRESS_EVAL_LEASE_S"
 DEFAULT_LEASE_S = 600.0
+WORKER_NICENESS = 10  # added to an evaluator's CPU niceness (lower priority than the service's API)
 MAX_ATTEMPTS = 2  # an evaluation whose worker was lost runs once more; a second loss fails it
 
 
@@ -78,6 +80,9 @@ class EvaluatorActor:
         from budgetpress.evaluators import open_session
 
         torch.set_num_threads(spec.threads)
+        # Evaluations soak up every core they are given; on a machine shared with the API they
+        # must yield to it, so that polling clients are answered while a search runs.
+        os.nice(WORKER_NICENESS)
         self._session = open_session(spec.session)
         self._worker_id = worker_id
 
@@ -94,9 +99,17 @@ class EvaluatorActor:
 
 
 def start_ray(n_cpus: int, env: dict[str, str]) -> bool:
-    """Start a local, loopback-only Ray cluster unless one is running; True if this call started it."""
+    """Connect to the Ray cluster at ``$RAY_ADDRESS`` (a deployment's head node) if set, else start a
+    local, loopback-only one; nothing if this process is already connected. True if this call
+    connected (so ``ray.shutdown`` is this caller's to do: it stops a local cluster, and only
+    disconnects from a deployment's)."""
     if ray.is_initialized():
         return False
+    address = os.environ.get(RAY_ADDRESS_ENV, "").strip()
+    if address:
+        logger.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env={"env_vars": env})
+        return True
     os.environ["RAY_AUTH_MODE"] = RAY_AUTH_MODE
     ray.init(
         num_cpus=n_cpus,
@@ -107,6 +120,14 @@ def start_ray(n_cpus: int, env: dict[str, str]) -> bool:
         runtime_env={"env_vars": {**env, "RAY_AUTH_MODE": RAY_AUTH_MODE}},
     )
     return True
+
+
+def gpus_per_worker(cluster_gpus: float, n_workers: int) -> float:
+    """A whole GPU for each worker where the cluster has enough; shares of them where it has fewer
+    (evaluations are small beside a GPU's memory); none on a cluster without GPUs."""
+    if cluster_gpus <= 0:
+        return 0.0
+    return min(1.0, math.floor(cluster_gpus) / n_workers) if cluster_gpus >= 1 else cluster_gpus / n_workers
 
 
 def _root_cause(error: BaseException) -> str:
@@ -124,9 +145,10 @@ def _root_cause(error: BaseException) -> str:
 class _Slot:
     """One worker place of the pool: its current actor, which a lost worker's replacement takes over."""
 
-    def __init__(self, spec: WorkerSpec, worker_id: str) -> None:
+    def __init__(self, spec: WorkerSpec, worker_id: str, gpus: float) -> None:
         self.worker_id = worker_id
         self._spec = spec
+        self._gpus = gpus
         self.actor: Any = None
         self.starting: Any = None  # the actor's identity call until it has started
         self.pid: int | None = None
@@ -134,7 +156,7 @@ class _Slot:
         self.start()
 
     def start(self) -> None:
-        options = {"num_cpus": self._spec.threads, "max_restarts": 0}
+        options = {"num_cpus": self._spec.threads, "num_gpus": self._gpus, "max_restarts": 0}
         self.actor = EvaluatorActor.options(**options).remote(self._spec, self.worker_id)  # type: ignore[attr-defined]
         self.starting = self.actor.identity.remote()
         self.pid = None
@@ -180,7 +202,11 @@ class WorkerPool:
         _check_lease(self.lease_s)
         self._spec = spec
         self._owns_ray = start_ray(n_workers * spec.threads, spec.env)
-        self._slots = [_Slot(spec, f"worker-{i}") for i in range(n_workers)]
+        # Ray hides the GPUs from an actor that asks for none, so a GPU worker must ask for one.
+        gpus = gpus_per_worker(float(ray.cluster_resources().get("GPU", 0.0)), n_workers)
+        if gpus:
+            logger.info("each of %d workers gets %.3g GPU", n_workers, gpus)
+        self._slots = [_Slot(spec, f"worker-{i}", gpus) for i in range(n_workers)]
         # Surface a worker that cannot load the model now, with its own message, not at the first plan.
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
@@ -193,7 +219,7 @@ class WorkerPool:
             self.close()
             raise RuntimeError(
                 f"{n_workers} worker(s) did not start within {START_TIMEOUT_S} s; the Ray "
-                "cluster may have no free CPUs for them"
+                "cluster may have no free CPUs (or GPUs) for them"
             ) from error
 
     @property

@@ -73,7 +73,7 @@ def test_every_operation_needs_a_valid_key(
     revoked = service.key("mallory")
     assert revoke_key(service.db, revoked)
     operations = _operations(service, job_id)
-    assert len(operations) == 8  # the plot route included
+    assert len(operations) == 12  # the plot and export routes included
     for headers in (
         {},
         {"Authorization": "Bearer not-a-key"},

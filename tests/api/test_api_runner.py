@@ -19,10 +19,13 @@ from typing import Any
 import optuna
 import pytest
 import ray
+from optuna.artifacts import get_all_artifact_meta
 
 from budgetpress.api import Runner
 from budgetpress.api._jobs import request_hash, submit
 from budgetpress.api._queue import claim
+from budgetpress.dashboard import PlotKind
+from budgetpress.dashboard._study import plot_name
 from budgetpress.workers import start_ray
 from budgetpress.workers._pool import LEASE_ENV
 
@@ -110,6 +113,10 @@ def test_a_job_under_polling_clients_on_sqlite(sqlite_service: Service) -> None:
     assert best["plan"]["units"]
     frontier = service.client.get(f"/v1/jobs/{job_id}/frontier", headers=auth).json()
     assert frontier["items"] and frontier["report"]["frontier"][0]["best"]["plan_key"] == best["plan_key"]
+    # The dashboard shows the job's plots: the runner attached them to its study as artifacts.
+    study = optuna.load_study(storage=service.settings.database_url, study_name=final["study_name"])
+    attached = {meta.filename: meta.mimetype for meta in get_all_artifact_meta(study)}
+    assert attached == {plot_name(study, kind): "image/png" for kind in PlotKind}
 
 
 def _stop_a_worker_mid_search(service: Service, job_id: str, among: set[int] | None = None) -> tuple[int, float]:

@@ -55,7 +55,7 @@ def test_the_openapi_spec_holds(tmp_path: Path, model_root: Path, micro_model_di
     # A real job to read, so that job routes see an existing id as well as generated ones.
     job_id = service.submit("alice", {"model": micro_model_dir.name, "budget": "60%"}).json()["id"]
     operations = _operations(service.client.app)
-    assert len(operations) == 9  # the plot route included
+    assert len(operations) == 13  # the plot and export routes included
     unsatisfiable: list[str] = []
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):

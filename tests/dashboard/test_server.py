@@ -17,6 +17,7 @@ import pytest
 
 from budgetpress.dashboard import check_host, dashboard_app, readonly_storage, readonly_url
 from budgetpress.dashboard._server import _Handler, _Server
+from budgetpress.search import best_plan
 from tests.dashboard.conftest import STUDY, load
 
 
@@ -75,6 +76,10 @@ def test_dashboard_shows_trials_and_refuses_writes(served: str, study_db: str) -
     assert {"memory_over_budget"} <= attrs
     over = {t["number"]: t["constraints"] for t in trials}
     assert over == {t.number: [t.constraints["memory_over_budget"]] for t in load(study_db).trials}
+    # The "best trial" badge is the search's pick, which fits the budget, not the lowest KL overall.
+    chosen = best_plan(load(study_db))[1]
+    assert [t["number"] for t in detail["best_trials"]] == [chosen.number]
+    assert chosen.constraints["memory_over_budget"] <= 0
     request = urllib.request.Request(f"{served}/api/studies/{studies[0]['study_id']}", method="DELETE")
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(request, timeout=60)

@@ -88,3 +88,33 @@ def test_default_workload_kv_share_is_like_a_real_model() -> None:
     memory = plan_memory(profile, Plan({}), Workload())
     assert memory.total == dense_bytes(profile, Workload())
     assert 0.05 <= memory.kv_bytes / memory.total <= 0.15
+
+
+def test_the_lookup_phase_continues_a_first_phase_checkpoint_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training both phases in one go, or the lookup phase from the first phase's checkpoint, gives
+    the same weights: that is how the committed model was made from its first-phase checkpoint."""
+    import dataclasses
+
+    from budgetpress.evaluators import _builtin, train_builtin
+
+    both = train_builtin(preset="micro", out_dir=tmp_path / "both")
+    micro = PRESETS["micro"]
+    monkeypatch.setitem(_builtin.PRESETS, "micro", dataclasses.replace(micro, lookup=None))
+    first = train_builtin(preset="micro", out_dir=tmp_path / "first")
+    assert first["lookup"] is None
+    monkeypatch.setitem(_builtin.PRESETS, "micro", micro)
+    continued = train_builtin(preset="micro", out_dir=tmp_path / "continued", first_phase_from=tmp_path / "first")
+    assert continued["weights_sha256"] == both["weights_sha256"]
+    assert continued["lookup"]["from_weights_digest"] == both["lookup"]["from_weights_digest"]
+    assert continued["first_phase_weights_sha256"] == first["weights_sha256"]
+    with pytest.raises(ValueError, match="lookup phase already"):
+        train_builtin(preset="micro", out_dir=tmp_path / "twice", first_phase_from=tmp_path / "both")
+
+
+def test_the_committed_model_recalls_after_its_lookup_phase() -> None:
+    lookup = MANIFEST["lookup"]
+    assert lookup is not None
+    assert lookup["recall_accuracy_before"] < 0.06  # chance is 1/36: the first phase never learned it
+    assert lookup["recall_accuracy"] > 0.15

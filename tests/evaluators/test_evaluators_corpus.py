@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from budgetpress.evaluators._corpus import DOC_SEPARATOR, list_corpus_files, make_recall_sequence, read_stream
+from budgetpress.evaluators._corpus import (
+    DOC_SEPARATOR,
+    list_corpus_files,
+    make_copy_sequence,
+    make_recall_sequence,
+    read_stream,
+)
 
 
 def test_split_is_deterministic_and_disjoint() -> None:
@@ -32,3 +38,17 @@ def test_recall_sequence_answers_come_from_the_table() -> None:
         value = answers[start : start + 4]
         # each queried value appears in the table near the start, far before its query
         assert text.index(b'"' + value + b'"') < 200
+
+
+def test_copy_sequence_writes_one_word_twice_and_masks_the_second_copy() -> None:
+    rng = np.random.default_rng(3)
+    filler = np.frombuffer(b"def f(x):\n    return x\n" * 100, dtype=np.uint8)
+    for _ in range(50):
+        sequence = make_copy_sequence(rng, length=129, filler=filler)
+        assert len(sequence.tokens) == len(sequence.answer_mask) == 129
+        answer = np.flatnonzero(sequence.answer_mask)
+        assert len(answer) >= 7 and np.array_equal(answer, np.arange(answer[0], answer[-1] + 1))
+        word = sequence.tokens[answer[0] - 1 : answer[-1] + 1]  # the masked bytes and the one before them
+        earlier = sequence.tokens[: answer[0] - 1].tobytes()
+        assert word.tobytes() in earlier  # the first copy lies before the second
+        assert set(word.tobytes()) <= set(b"abcdefghijklmnopqrstuvwxyz0123456789")

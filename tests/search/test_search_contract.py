@@ -219,3 +219,36 @@ def test_a_plan_the_study_holds_is_told_not_evaluated(costed: CostedSpace) -> No
     assert records == [] and evaluator.calls == calls
     assert again.best is not None and again.best[1] == uniform.best[1]  # type: ignore[index]
     assert len(study.trials) == calls
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_a_stop_before_a_batch_ends_the_run_with_nothing_left_running(name: str, costed: CostedSpace) -> None:
+    study = open_study(storage="sqlite:///:memory:", name=f"stop-{name}", seed=0, strategy=name)
+    budget = int(costed.dense_bytes * 0.35)
+    ledger = Ledger(study=study, space=costed.space, budget_bytes=budget)
+    evaluator = SyntheticEvaluator()
+    checks = [0]
+
+    def stop_at_the_second_batch() -> None:
+        checks[0] += 1
+        if checks[0] == 2:
+            raise _Stop
+
+    controller = Controller(
+        strategy=FACTORIES[name](ledger, costed, budget, 0),
+        ledger=ledger,
+        profile=costed.space.profile,
+        workload=costed.workload,
+        evaluate=evaluator,
+        batch_size=2,
+        before_batch=stop_at_the_second_batch,
+    )
+    with pytest.raises(_Stop):
+        controller.run(16)
+    assert checks[0] == 2
+    assert 1 <= len(evaluator.seen) <= 2  # one batch of at most two plans
+    assert all(t.state is optuna.trial.TrialState.COMPLETE for t in study.trials)

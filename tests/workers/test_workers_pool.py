@@ -168,3 +168,82 @@ def test_the_lease_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, m
     monkeypatch.setenv(LEASE_ENV, "soon")
     with pytest.raises(ValueError, match=LEASE_ENV):
         WorkerSpec(session=session)
+
+
+@pytest.mark.parametrize(
+    ("cluster_gpus", "n_workers", "each"),
+    [(0, 3, 0.0), (1, 1, 1.0), (1, 2, 0.5), (4, 2, 1.0), (3, 2, 1.0), (2, 3, 2 / 3), (0.5, 2, 0.25)],
+)
+def test_workers_ask_for_gpus_only_where_the_cluster_has_them(cluster_gpus: float, n_workers: int, each: float) -> None:
+    from budgetpress.workers._pool import gpus_per_worker
+
+    assert gpus_per_worker(cluster_gpus, n_workers) == pytest.approx(each)
+    assert gpus_per_worker(cluster_gpus, n_workers) * n_workers <= max(cluster_gpus, 0) + 1e-9
+
+
+_CONNECT = """
+import sys, ray
+from budgetpress.evaluators import SessionSpec, TokenSpec
+from budgetpress.space import Plan, Workload
+from budgetpress.workers import WorkerPool, WorkerSpec
+
+tokens = TokenSpec(seq_len=128, calibration_sequences=4, evaluation_sequences=4)
+session = SessionSpec(model=sys.argv[1], workload=Workload(context=128), tokens=tokens, store_root=sys.argv[2])
+with WorkerPool(WorkerSpec(session=session), n_workers=1) as pool:
+    [outcome] = pool.evaluate([Plan({})])
+    print("cluster", sorted(ray.cluster_resources()), "kl", outcome.result.kl, flush=True)
+"""
+
+
+def _wait_listening(port: int, timeout_s: float) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+def test_a_pool_joins_the_cluster_named_by_ray_address(tmp_path: Path, micro_model_dir: Path) -> None:
+    """What docker-compose does: a Ray head runs apart; the service connects to it as a Ray client
+    (``RAY_ADDRESS=ray://host:port``), runs its workers there, and leaves it running when it is done."""
+    import socket
+    import subprocess
+    import sys
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    gcs_port, client_port = ports
+    ray_cli = Path(sys.executable).with_name("ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen(
+        [str(ray_cli), "start", "--head", "--block", f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
+         "--num-cpus=1", "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+         '--resources={"the_deployments_head": 1}'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+    )  # fmt: skip
+    try:
+        _wait_listening(client_port, timeout_s=120)
+        client_env = {**env, "RAY_ADDRESS": f"ray://127.0.0.1:{client_port}", "HF_HUB_OFFLINE": "1"}
+        command = [sys.executable, "-c", _CONNECT, str(micro_model_dir), str(tmp_path / "store")]
+        done = subprocess.run(command, env=client_env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        # The head's own resource shows the workers ran on it, not on a cluster of the pool's own.
+        assert "'the_deployments_head'" in done.stdout and "kl 0.0" in done.stdout, done.stdout
+        assert head.poll() is None, "disconnecting must leave the deployment's cluster running"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def test_evaluators_yield_the_cpu_to_the_service(pool: WorkerPool) -> None:
+    from budgetpress.workers._pool import WORKER_NICENESS
+
+    mine = psutil.Process().nice()
+    assert all(psutil.Process(pid).nice() >= min(19, mine + WORKER_NICENESS) for pid in pool.worker_pids())
