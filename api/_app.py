@@ -102,9 +102,14 @@ def _caller(ctx: Context, credentials: Credentials) -> Caller:
 Who = Annotated[Caller, Depends(_caller)]
 
 
-def _owned_job(request: Request, ctx: Context, job_id: uuid.UUID, credentials: Credentials) -> JobRecord:
-    """The caller's job, key and job read in one query (one thread hop, one connection); the
-    caller is left on ``request.state.caller``."""
+async def _owned_job(request: Request, ctx: Context, job_id: uuid.UUID, credentials: Credentials) -> JobRecord:
+    """The caller's job, key and job read in one query; the caller is left on ``request.state.caller``.
+
+    It runs on the event loop, as do the routes polled most (a job, its trials): each is one or a
+    few indexed reads of bounded size, which on SQLite in WAL mode never wait for a writer, and a
+    hop to a worker thread per request cost more than the reads (bench/api_load.py, 20 clients:
+    p95 107 ms with the hops, 38 ms without).
+    """
     if credentials is None:
         raise _unauthorized()
     found, job = caller_and_job(ctx.db, credentials.credentials, str(job_id))
@@ -188,7 +193,7 @@ def _job_routes(app: FastAPI) -> None:
         return _json(job_out(owned))
 
     @app.get("/v1/jobs/{job_id}/trials", response_model=TrialPage, tags=["jobs"], responses=_errors(*_JOB))
-    def trials(ctx: Context, owned: Owned, page: Page) -> Response:
+    async def trials(ctx: Context, owned: Owned, page: Page) -> Response:
         return _json(trial_page(ctx.db, owned, limit=page.limit, offset=page.offset))
 
     @app.get("/v1/jobs/{job_id}/best", response_model=BestOut, tags=["jobs"], responses=_errors(*_JOB, 409))

@@ -112,6 +112,9 @@ def start_ray(n_cpus: int, env: dict[str, str]) -> bool:
         return True
     os.environ["RAY_AUTH_MODE"] = RAY_AUTH_MODE
     ray.init(
+        # "local" always starts a cluster of our own: without it Ray joins whatever cluster its
+        # /tmp/ray/ray_current_cluster file names, even one that has stopped.
+        address="local",
         num_cpus=n_cpus,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",

@@ -240,6 +240,10 @@ def test_a_pool_joins_the_cluster_named_by_ray_address(tmp_path: Path, micro_mod
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        # `ray start` named this head the machine's current cluster; it is gone now.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
+            current.unlink()
 
 
 def test_evaluators_yield_the_cpu_to_the_service(pool: WorkerPool) -> None:
