@@ -248,11 +248,11 @@ class Runner:
             record_progress(
                 self.db, job_id=job.id, owner=self.boot_id, trials_done=progress.complete, best_kl=progress.best_kl
             )
+            # Before the job reads succeeded, so that a succeeded job's study has its plots.
+            attach_finished_study_plots(self.storage_url, job.study_name)
             final = finish(
                 self.db, job_id=job.id, owner=self.boot_id, state=JobState.SUCCEEDED, report=report.to_dict()
             )
-            if final is JobState.SUCCEEDED:
-                attach_finished_study_plots(self.storage_url, job.study_name)
             logger.info("job %s: %s", job.id, final.value if final else "lost before it finished")
         finally:
             handle.release_model_lock()

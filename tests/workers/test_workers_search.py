@@ -65,7 +65,13 @@ def test_search_is_recorded_and_reproducible(tmp_path: Path, micro_model_dir: Pa
     assert first.best.memory_bytes <= first.budget_bytes
     assert first.best.plan.key == second.best.plan.key
     assert first.best.kl == second.best.kl
-    assert first.best.kl <= first.uniform.kl
+    # The search's promise is on its fitness (calibration tokens): the uniform plan is one of its
+    # trials, so the best is no worse there. On held-out tokens it may be (4 windows of 128 here).
+    calibration = {
+        t.user_attrs["plan_key"]: t.value
+        for t in optuna.load_study(study_name=first.request.study_name, storage=storage).trials
+    }
+    assert calibration[first.best.plan.key] <= calibration[first.uniform.plan.key]
 
 
 def test_evolution_runs_through_real_workers_at_several_fidelities(tmp_path: Path, micro_model_dir: Path) -> None:
