@@ -28,6 +28,7 @@ from budgetpress.api._exports import (
 )
 from budgetpress.api._locks import MODEL_WORK
 from budgetpress.api._settings import ServiceSettings
+from budgetpress.evaluators._export_dir import _fsync_path as fsync_path
 from budgetpress.workers import export_from_study
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def write_archive(directory: Path, target: Path, *, top: str) -> int:
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(staging, target)
-        _fsync_directory(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
@@ -77,14 +78,6 @@ def _member(name: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ExportRunner:
