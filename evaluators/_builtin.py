@@ -264,18 +264,6 @@ def train_steps(
     return _run_steps(model, recipe, BatchSampler(stream=stream, recipe=recipe), n_steps=n_steps, on_step=on_step)
 
 
-def train_lookup_steps(
-    model: LlamaForCausalLM,
-    phase: LookupPhase,
-    stream: np.ndarray,
-    *,
-    n_steps: int,
-    on_step: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """Run the first ``n_steps`` of the lookup phase on ``model``; returns each step's loss."""
-    return _run_steps(model, phase, LookupSampler(stream=stream, phase=phase), n_steps=n_steps, on_step=on_step)
-
-
 def _run_steps(
     model: LlamaForCausalLM,
     schedule: Recipe | LookupPhase,
@@ -487,7 +475,8 @@ def _train_lookup_phase(
             on_step(first_step + step, loss)
 
     started = time.monotonic()
-    losses = train_lookup_steps(model, phase, train, n_steps=phase.steps, on_step=numbered)
+    batches = LookupSampler(stream=train, phase=phase)
+    losses = _run_steps(model, phase, batches, n_steps=phase.steps, on_step=numbered)
     record |= _phase_record(losses, time.monotonic() - started)
     record["recall_accuracy"] = round(recall_accuracy_of(model, heldout), 4)
     return record

@@ -68,24 +68,24 @@ def _encode_bytes(data: np.ndarray, encode: Encoder) -> np.ndarray:
     return np.asarray(encode(data.tobytes().decode("utf-8", "replace")), dtype=np.int64)
 
 
+def _enough_tokens(stretch: Callable[[int], np.ndarray], count: int, encode: Encoder) -> np.ndarray:
+    """The tokens of ``stretch(span)`` for a span doubled until they number ``count`` or the stretch
+    runs out of stream (comes back shorter than asked)."""
+    span = count * _BYTES_PER_TOKEN_GUESS
+    while True:
+        data = stretch(span)
+        tokens = _encode_bytes(data, encode)
+        if len(tokens) >= count or len(data) < span:
+            return tokens
+        span *= 2
+
+
 def _tokens_from(stream: np.ndarray, start: int, count: int, encode: Encoder) -> np.ndarray:
     """The first ``count`` tokens of the text at byte ``start`` (the text ending the stream if too little follows)."""
-    span = count * _BYTES_PER_TOKEN_GUESS
-    while True:
-        tokens = _encode_bytes(stream[start : start + span], encode)
-        if len(tokens) >= count:
-            return tokens[:count]
-        if start + span >= len(stream):
-            break
-        span *= 2
-    # Too little text follows ``start``: take the window that ends the stream instead.
-    span = count * _BYTES_PER_TOKEN_GUESS
-    while True:
-        tail = stream[max(0, len(stream) - span) :]
-        tokens = _encode_bytes(tail, encode)
-        if len(tokens) >= count or len(tail) == len(stream):
-            break
-        span *= 2
+    tokens = _enough_tokens(lambda span: stream[start : start + span], count, encode)
+    if len(tokens) >= count:
+        return tokens[:count]
+    tokens = _enough_tokens(lambda span: stream[max(0, len(stream) - span) :], count, encode)
     if len(tokens) < count:
         raise ValueError(f"the text has {len(tokens)} tokens; at least {count} are needed")
     return tokens[-count:]
@@ -106,12 +106,7 @@ def encoded_consecutive_windows(stream: np.ndarray, encode: Encoder, *, n: int, 
     if encode is byte_encoder:
         return _consecutive_windows(stream, n=n, seq_len=seq_len)
     # One window more than needed, so that the tokens kept never meet the cut through the text.
-    wanted = (n + 1) * seq_len
-    span = wanted * _BYTES_PER_TOKEN_GUESS
-    tokens = _encode_bytes(stream[:span], encode)
-    while len(tokens) < wanted and span < len(stream):
-        span *= 2
-        tokens = _encode_bytes(stream[:span], encode)
+    tokens = _enough_tokens(lambda span: stream[:span], (n + 1) * seq_len, encode)
     return _consecutive_windows(tokens, n=n, seq_len=seq_len)
 
 

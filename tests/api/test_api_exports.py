@@ -225,7 +225,7 @@ def test_the_best_trial_is_exported_downloaded_and_loads(finished: tuple[Service
     done = _done(service, f"{exports}/{export_id}")
     assert done["state"] == "succeeded", done["failure_reason"]
     assert done["trial"] == "best" and done["format"] == "native" and done["plan_key"] == best["plan_key"]
-    assert done["memory_bytes"] == best["memory_bytes"] and done["reloaded_kl"] is not None
+    assert done["memory_bytes"] == best["memory_bytes"] and done["reloaded_kl"] == done["evaluated_kl"] is not None
     assert done["total_bytes"] == sum(f["bytes"] for f in done["files"]) > 0
     assert service.client.post(exports, json={}, headers=auth).json() == done  # still the same export
 
