@@ -35,6 +35,7 @@ class StrategySetup:
     scope: str = ""
     known_fitness: Mapping[tuple[str, int | None], float] = field(default_factory=dict)
     base: Mapping[str, int] | None = None
+    measure_budget: int | None = None
 
 
 def make_strategy(
@@ -72,6 +73,7 @@ def make_strategy(
             resume_from=resume_from,
             scope=setup.scope,
             base=setup.base,
+            measure_budget=setup.measure_budget,
             known_fitness=known,
         )
     if name == "hybrid":
@@ -85,6 +87,7 @@ def make_strategy(
             initial_plans=setup.initial_plans,
             stages=setup.stages,
             base=setup.base,
+            measure_budget=setup.measure_budget,
             known_fitness=known,
         )
     raise ValueError(f"unknown strategy {name!r}; accepted: {', '.join(STRATEGIES)}")

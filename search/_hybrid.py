@@ -41,7 +41,7 @@ class HybridStrategy(Strategy):
     With ``then="tpe"`` (and the ``ledger``) the second phase is TPE instead: its sampler then sees
     every trial of the study, measurements and verified plans included, as its history, so it
     starts from the integer program's knowledge of which units matter rather than from nothing.
-    ``n_solutions``, ``measure_fidelity`` and ``base`` go to the integer program, ``offspring``,
+    ``n_solutions``, ``measure_fidelity``, ``base`` and ``measure_budget`` go to the integer program, ``offspring``,
     ``stages`` and ``max_switches`` to the evolution; ``study``, ``resume_from``, ``scope`` and
     ``known_fitness`` to both.
     """
@@ -65,6 +65,7 @@ class HybridStrategy(Strategy):
         time_limit: float | None = 60.0,
         scope: str = "",
         base: Mapping[str, int] | None = None,
+        measure_budget: int | None = None,
         known_fitness: Mapping[tuple[str, int | None], float] | None = None,
         then: str = "evolution",
         ledger: Ledger | None = None,
@@ -84,6 +85,7 @@ class HybridStrategy(Strategy):
             time_limit=time_limit,
             scope=scope,
             base=base,
+            measure_budget=measure_budget,
             known_fitness=known_fitness,
         )
         self.evolution: EvolutionaryStrategy | None = None

@@ -2,21 +2,32 @@
 quality on their own, then solve the multiple-choice knapsack under the budget exactly.
 
 Phase 1 (measure) asks one plan per group and non-base choice: a *base* plan with only that group
-changed. Its fitness minus the base's is the sensitivity ``s[g][c]`` (0 at the base's own choice).
+changed (and, where that change does not fit, other groups lowered to make room; see below). Its
+fitness minus the base's is the sensitivity ``s[g][c]`` (0 at the base's own choice).
 Phase 2 solves ``min sum s[g][x_g]`` subject to the plan's bytes fitting the budget with
 :func:`solve_mckp` (HiGHS), takes the optimum and the next-best distinct plans (no-good cuts), and
 asks them, so the controller verifies them by real evaluation. Then the strategy is exhausted.
 If errors add up, the optimum is the best plan in the space; where they do not (LLMs), it is a
 strong start for a local search such as evolution.
 
-Measuring under a tight budget: the textbook sensitivity is the error with only that group
+Measuring near the operating point: the textbook sensitivity is the error with only that group
 compressed (the dense model otherwise), but such a plan weighs nearly as much as the dense model,
 over any useful budget, and the controller refuses every plan over the budget without evaluating
-it. So the base is the dearest *level* plan (each group at the same fraction of its choices,
-ordered by cost) from which every single-group change that can appear in a feasible plan still
-fits. The cheapest plan is always such a base, and dense is the base whenever it fits. For
-additive errors the base does not matter (it shifts each group's values by a constant, which
-changes no argmin); for real models a base near the budget measures near the operating point.
+it. So the base is the operating point, the dearest uniform plan that fits (or the best uniform
+plan, when the caller evaluated them: ``base``), and each sensitivity is measured there, inside
+the budget:
+
+- a change that fits from the base (a cheaper choice, or a dearer one where the base leaves
+  room) is measured directly: the base with only that group changed;
+- a dearer choice that does not fit is measured *with donors*: the base with that group raised
+  and the fewest-harm set of other groups lowered to make room (chosen exactly, by the same
+  knapsack, from the cheaper choices measured first); its sensitivity is the measured change
+  minus the donors' own measured sensitivities.
+
+For additive errors this gives the exact table whatever the base; for real models, whose errors
+only roughly add up, it measures every change next to the plans the search will pick between
+rather than from a broken base (a base cheap enough for every raise to fit on its own is, at
+useful budgets, a model at its lowest setting everywhere).
 
 Restart: every measurement is an ordinary trial (plan JSON and key, fidelity, split as user
 attributes), so ``resume_from`` rebuilds the table from a study's complete trials and asks only
@@ -44,7 +55,9 @@ logger = logging.getLogger(__name__)
 SOLUTIONS_ATTR = "integer_program.solutions"
 # Every sensitivity is relative to the base: one lost evaluation of it would waste all the others.
 _BASE_ATTEMPTS = 2
-_MEASURE, _VERIFY, _DONE = "measure", "verify", "done"
+# Added to each donor's harm (as a fraction of the largest) so that ties go to fewer donors.
+_DONOR_TIE = 1e-6
+_MEASURE, _MEASURE_RAISES, _VERIFY, _DONE = "measure", "measure-raises", "verify", "done"
 
 
 class IntegerProgramStrategy(Strategy):
@@ -57,6 +70,8 @@ class IntegerProgramStrategy(Strategy):
     trials already measured some plans, which are then not asked again; ``scope`` prefixes the
     solutions' attribute name (see ``scoped``); ``base`` replaces the measurement base (searches
     for several budgets measure from one base, the smallest budget's, and so share measurements);
+    ``measure_budget`` (at most ``budget_bytes``) is the budget the measurement plans are made to fit
+    (searches for several budgets measure against the smallest and so ask the same plans);
     ``known_fitness`` (plan key, fidelity → fitness) holds measurements made before, not asked
     again. ``seed`` is accepted like every strategy's, but nothing here is random: plans are asked
     in the groups' and choices' order.
@@ -80,6 +95,7 @@ class IntegerProgramStrategy(Strategy):
         time_limit: float | None = 60.0,
         scope: str = "",
         base: Mapping[str, int] | None = None,
+        measure_budget: int | None = None,
         known_fitness: Mapping[tuple[str, int | None], float] | None = None,
     ) -> None:
         if n_solutions < 1:
@@ -96,15 +112,21 @@ class IntegerProgramStrategy(Strategy):
         self._study = study
         self._time_limit = time_limit
         self._scope = scope
-        self._base = dict(base) if base is not None else measurement_base(costed, budget_bytes)
-        if costed.bytes_of(self._base) > budget_bytes:
-            raise ValueError(f"the measurement base needs {costed.bytes_of(self._base)} bytes, over {budget_bytes}")
+        self._measure_budget = budget_bytes if measure_budget is None else min(measure_budget, budget_bytes)
+        self._base = dict(base) if base is not None else measurement_base(costed, self._measure_budget)
+        if costed.bytes_of(self._base) > self._measure_budget:
+            raise ValueError(
+                f"the measurement base needs {costed.bytes_of(self._base)} bytes, over {self._measure_budget}"
+            )
         self._base_plan = costed.space.plan_from_choices(self._base)
         self._base_fitness: float | None = None
         self._base_attempts = 0
         self._base_estimated = False
         self._targets: dict[str, tuple[str, int]] = {}  # measurement plan key -> (group, choice)
         self._measured: dict[tuple[str, int], float] = {}  # fitness of the base with one group changed
+        # Groups lowered to make room for a raise that does not fit from the base on its own.
+        self._donors: dict[tuple[str, int], tuple[tuple[str, int], ...]] = {}
+        self._raises: list[tuple[str, int]] = []  # dearer choices waiting for donors
         self._excluded: dict[tuple[str, int], str] = {}
         self._phase = _MEASURE
         self._queue: list[Plan] = []
@@ -148,6 +170,9 @@ class IntegerProgramStrategy(Strategy):
                 f"ask() called with {len(self._outstanding)} asked plan(s) not yet told; tell them first"
             )
         if self._phase == _MEASURE and not self._queue:
+            self._phase = _MEASURE_RAISES
+            self._queue = self._raise_measurements()
+        if self._phase == _MEASURE_RAISES and not self._queue:
             self._solve()
         if self._phase == _VERIFY and not self._queue:
             self._phase = _DONE
@@ -156,7 +181,7 @@ class IntegerProgramStrategy(Strategy):
         return asked
 
     def fidelity(self, plan: Plan) -> int | None:
-        return self._fidelity if self._phase == _MEASURE else None
+        return self._fidelity if self._phase in (_MEASURE, _MEASURE_RAISES) else None
 
     def tell(self, plan: Plan, outcome: Outcome) -> None:
         if plan.key not in self._outstanding:
@@ -182,22 +207,79 @@ class IntegerProgramStrategy(Strategy):
                 if costed.cost(group, choice) - lowest > slack:
                     self._excluded[(group, choice)] = "fits the budget in no plan"
                     continue
-                if costed.bytes_of({**self._base, group: choice}) > self._budget:
-                    self._excluded[(group, choice)] = "does not fit the budget from the measurement base"
+                if costed.bytes_of({**self._base, group: choice}) > self._measure_budget:
+                    self._raises.append((group, choice))
                     continue
-                plan = space.plan_from_choices({**self._base, group: choice})
-                self._targets[plan.key] = (group, choice)
-                if (plan.key, self._fidelity) in known:
-                    self._measured[(group, choice)] = known[(plan.key, self._fidelity)]
-                else:
-                    plans.append(plan)
+                plans += self._target(group, choice, {**self._base, group: choice}, ())
         self._queue = plans
         logger.info(
-            "integer program: %d measurement(s) to ask, %d known from the study, %d choice(s) unreachable",
+            "integer program: %d measurement(s) to ask, %d known from the study, %d choice(s) unreachable, "
+            "%d raise(s) to measure with donors",
             len(plans),
             len(self._measured) + (self._base_fitness is not None),
             len(self._excluded),
+            len(self._raises),
         )
+
+    def _target(
+        self, group: str, choice: int, choices: Mapping[str, int], donors: tuple[tuple[str, int], ...]
+    ) -> list[Plan]:
+        """Register the plan measuring (group, choice); it is returned when it still needs asking."""
+        plan = self._costed.space.plan_from_choices(choices)
+        self._targets[plan.key] = (group, choice)
+        self._donors[(group, choice)] = donors
+        known = self._known.get((plan.key, self._fidelity))
+        if known is None:
+            return [plan]
+        self._measured[(group, choice)] = known
+        return []
+
+    def _raise_measurements(self) -> list[Plan]:
+        """Plans measuring the raises that do not fit from the base: each with the fewest-harm donors
+        that make room under the measurement budget (else under the search's own budget)."""
+        if self._base_fitness is None:
+            self._base_fitness = self._estimated_base_fitness()
+            self._base_estimated = self._base_fitness is not None
+        plans: list[Plan] = []
+        for group, choice in self._raises:
+            raised = {**self._base, group: choice}
+            for limit in dict.fromkeys((self._measure_budget, self._budget)):
+                if self._costed.bytes_of(raised) <= limit:
+                    plans += self._target(group, choice, raised, ())
+                    break
+                donors = self._fewest_harm_donors(group, self._costed.bytes_of(raised) - limit)
+                if donors is not None:
+                    plans += self._target(group, choice, {**raised, **dict(donors)}, donors)
+                    break
+            else:
+                self._excluded[(group, choice)] = "no set of other groups' measured cheaper choices makes room for it"
+        logger.info("integer program: %d raise(s) to measure with donors", len(plans))
+        return plans
+
+    def _fewest_harm_donors(self, group: str, needed: int) -> tuple[tuple[str, int], ...] | None:
+        """Cheaper choices of groups other than ``group`` (one each, measured from the base) that free
+        at least ``needed`` bytes at the least total measured harm; None if none can."""
+        donors = [g for g in self._costed.groups if g != group]
+        savings: list[list[int]] = []
+        harms: list[list[float]] = []
+        options: list[list[int]] = []
+        for donor in donors:
+            here = self._costed.cost(donor, self._base[donor])
+            row = [self._base[donor]] + [
+                c
+                for c in range(len(self._costed.space.choices(donor)))
+                if self._costed.cost(donor, c) < here and self._value(donor, c) is not None
+            ]
+            options.append(row)
+            savings.append([self._costed.cost(donor, c) - here for c in row])
+            harms.append([0.0] + [max(_or_inf(self._value(donor, c)), 0.0) for c in row[1:]])
+        if -sum(min(row) for row in savings) < needed:
+            return None
+        # A donor is a measurement error of its own: among equal harms, fewer donors win.
+        tie = _DONOR_TIE * max((h for row in harms for h in row), default=0.0)
+        harms = [[h + (tie if i else 0.0) for i, h in enumerate(row)] for row in harms]
+        (picked, _), *_ = solve_mckp(savings, harms, -needed)
+        return tuple((d, row[i]) for d, row, i in zip(donors, options, picked, strict=True) if i)
 
     def _record(self, plan: Plan, outcome: Outcome) -> None:
         fitness = outcome.fitness
@@ -226,7 +308,11 @@ class IntegerProgramStrategy(Strategy):
         if choice == self._base[group]:
             return 0.0
         measured = self._measured.get((group, choice))
-        return None if measured is None else measured - self._base_fitness
+        if measured is None:
+            return None
+        donors = self._donors.get((group, choice), ())
+        harm = sum(_or_inf(self._value(donor, lowered)) for donor, lowered in donors)
+        return measured - self._base_fitness - harm
 
     def _solve(self) -> None:
         """Solve the knapsack on the table and queue its plans for verification."""
@@ -306,31 +392,21 @@ class IntegerProgramStrategy(Strategy):
 
 
 def measurement_base(costed: CostedSpace, budget_bytes: int) -> dict[str, int]:
-    """The dearest level plan from which every single-group change that fits in some plan fits.
-
-    Level ``t`` puts each group at the choice a fraction ``t`` along its choices ordered by cost;
-    ``t = 1`` is the dearest (dense) plan, ``t = 0`` the cheapest, which always qualifies.
-    """
-    orders = {g: costed.ordered(g) for g in costed.groups}
-    steps = max(len(order) for order in orders.values()) - 1
-    for step in range(steps, -1, -1):
-        fraction = step / steps if steps else 0.0
-        base = {g: order[math.floor(fraction * (len(order) - 1))] for g, order in orders.items()}
-        if _covers(costed, base, budget_bytes):
-            return base
-    raise ValueError(f"no plan fits {budget_bytes} bytes: the smallest possible plan needs {costed.cheapest_bytes()}")
-
-
-def _covers(costed: CostedSpace, base: Mapping[str, int], budget_bytes: int) -> bool:
-    total = costed.bytes_of(base)
-    if total > budget_bytes:
-        return False
-    slack = budget_bytes - costed.cheapest_bytes()
-    for group, order in ((g, costed.ordered(g)) for g in costed.groups):
-        reachable = [c for c in order if costed.cost(group, c) - costed.cost(group, order[0]) <= slack]
-        if total - costed.cost(group, base[group]) + costed.cost(group, reachable[-1]) > budget_bytes:
-            return False
-    return True
+    """The operating point to measure from: the dearest uniform plan (every linear group at one
+    choice, every KV group at one) that fits the budget, the first of equals in the space's order;
+    the cheapest plan when no uniform plan fits."""
+    fitting = []
+    for plan in costed.space.uniform_plans():
+        choices = costed.space.choices_of(plan)
+        if costed.bytes_of(choices) <= budget_bytes:
+            fitting.append(choices)
+    if fitting:
+        return max(fitting, key=costed.bytes_of)
+    if costed.cheapest_bytes() > budget_bytes:
+        raise ValueError(
+            f"no plan fits {budget_bytes} bytes: the smallest possible plan needs {costed.cheapest_bytes()}"
+        )
+    return {g: costed.ordered(g)[0] for g in costed.groups}
 
 
 def _or_inf(value: float | None) -> float:

@@ -6,6 +6,7 @@ The CLI runs this directly; the service's job runner will run the same function.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -34,7 +35,6 @@ from budgetpress.search import (
     best_plan,
     known_fitness_of,
     make_strategy,
-    measurement_base,
     open_study,
     stages_for,
 )
@@ -295,19 +295,26 @@ def _uniform_baselines(
 
 
 def _budget_setup(
-    request: SearchRequest, study: optuna.Study, costed: CostedSpace, budgets: list[int], budget: int, uniform: Plan
+    request: SearchRequest,
+    study: optuna.Study,
+    costed: CostedSpace,
+    budgets: list[int],
+    budget: int,
+    uniform: Mapping[int, Plan],
 ) -> StrategySetup:
-    """How the strategy for ``budget`` starts. A frontier search scopes each budget's state in the
-    shared study, measures the integer program from one base (the smallest budget's), and hands
-    each strategy what the study has evaluated already."""
+    """How the strategy for ``budget`` starts. The integer program measures from the best uniform
+    plan, its operating point; a frontier search scopes each budget's state in the shared study,
+    measures from one base (the smallest budget's best uniform plan, its measurements made to fit
+    that budget), and hands each strategy what the study has evaluated already."""
     frontier = len(budgets) > 1
     return StrategySetup(
-        initial_plans=[uniform],
+        initial_plans=[uniform[budget]],
         resume=request.resume,
         stages=stages_for(request.seq_len * request.calibration_sequences),
         scope=f"budget.{budget}" if frontier else "",
         known_fitness=known_fitness_of(study) if frontier else {},
-        base=measurement_base(costed, min(budgets)) if frontier else None,
+        base=costed.space.choices_of(uniform[min(budgets)]),
+        measure_budget=min(budgets) if frontier else None,
     )
 
 
@@ -402,7 +409,7 @@ def _search_each_budget(
         if len(budgets) > 1:
             progress.stage(f"searching the budget of {budget} bytes ({request.strategy}, {left} trials)")
         ledger = Ledger(study=study, space=costed.space, budget_bytes=budget)
-        setup = _budget_setup(request, study, costed, budgets, budget, uniform[budget])
+        setup = _budget_setup(request, study, costed, budgets, budget, uniform)
         strategy = make_strategy(
             request.strategy, ledger=ledger, costed=costed, budget_bytes=budget, seed=request.seed, setup=setup
         )

@@ -194,8 +194,10 @@ class SearchBench:
         if cell.strategy == "tpe-plain":
             tpe = TPEStrategy(ledger=ledger, costed=costed, budget_bytes=budget, seed=seed, initial_plans=[uniform])
             return tpe, counts.tpe
+        # The integer program measures from the best uniform plan, its operating point.
+        base = costed.space.choices_of(uniform)
         if cell.strategy == "tpe":
-            warm = HybridStrategy(costed=costed, budget_bytes=budget, seed=seed, then="tpe", ledger=ledger)
+            warm = HybridStrategy(costed=costed, budget_bytes=budget, seed=seed, then="tpe", ledger=ledger, base=base)
             return warm, counts.tpe
         if cell.strategy == "evo":
             evolution = EvolutionaryStrategy(
@@ -203,14 +205,14 @@ class SearchBench:
             )
             return evolution, counts.evolution
         if cell.strategy == "ilp":
-            return IntegerProgramStrategy(costed=costed, budget_bytes=budget, seed=seed), _UNBOUNDED
+            return IntegerProgramStrategy(costed=costed, budget_bytes=budget, seed=seed, base=base), _UNBOUNDED
         if cell.strategy == "hybrid":
             hybrid = HybridStrategy(
-                costed=costed, budget_bytes=budget, seed=seed, initial_plans=[uniform], stages=self._stages
+                costed=costed, budget_bytes=budget, seed=seed, initial_plans=[uniform], stages=self._stages, base=base
             )
             n = counts.hybrid
             if n is None:
-                n = _integer_trials(costed, budget) + 60
+                n = _integer_trials(costed, budget, base) + 60
             return hybrid, n
         raise ValueError(f"unknown strategy {cell.strategy!r}")
 
@@ -277,9 +279,11 @@ def _incumbents(records: list[TrialRecord]) -> list[tuple[int, float, Plan]]:
     return trajectory
 
 
-def _integer_trials(costed: CostedSpace, budget: int) -> int:
-    probe = IntegerProgramStrategy(costed=costed, budget_bytes=budget, seed=0)
-    return len(probe.ask(_UNBOUNDED)) + 4
+def _integer_trials(costed: CostedSpace, budget: int, base: dict[str, int]) -> int:
+    """The integer program's measurements (the base and one per reachable group and choice) and the
+    plans it verifies: a count from the space alone, before anything is evaluated."""
+    probe = IntegerProgramStrategy(costed=costed, budget_bytes=budget, seed=0, base=base)
+    return 1 + sum(len(row) - 1 for row in probe.sensitivity.values()) - len(probe.excluded) + 4
 
 
 def best_label(plan: Plan) -> str:

@@ -262,14 +262,40 @@ def test_never_asks_a_plan_over_budget(costed: CostedSpace, fraction: float) -> 
     assert strategy.solutions
 
 
-def test_the_base_is_dense_when_dense_fits_and_cheapest_when_nothing_else_covers(costed: CostedSpace) -> None:
+def test_the_base_is_the_dearest_uniform_plan_that_fits(costed: CostedSpace) -> None:
     dense = {g: costed.ordered(g)[-1] for g in costed.groups}
     assert measurement_base(costed, costed.dense_bytes) == dense
     cheapest = {g: costed.ordered(g)[0] for g in costed.groups}
     assert measurement_base(costed, costed.cheapest_bytes() + 1) == cheapest
-    base = measurement_base(costed, _budget(costed, 0.6))
-    assert base != cheapest
-    assert costed.bytes_of(base) <= _budget(costed, 0.6)
+    budget = _budget(costed, 0.6)
+    base = measurement_base(costed, budget)
+    uniform = [costed.space.choices_of(p) for p in costed.space.uniform_plans()]
+    assert base in uniform and costed.bytes_of(base) <= budget
+    assert all(costed.bytes_of(u) <= costed.bytes_of(base) for u in uniform if costed.bytes_of(u) <= budget)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.35])
+def test_raises_that_do_not_fit_are_measured_with_donors_exactly(costed: CostedSpace, fraction: float) -> None:
+    budget = _budget(costed, fraction)
+    strategy = _integer(costed, budget)
+    _, evaluator = _run(strategy, costed, budget)
+    base = costed.space.choices_of(strategy.base)
+    # Raises from the base overflow the budget, so some measurements lower other groups to fit.
+    lowered = [p for p in evaluator.seen[: _n_measurements(costed)] if _changed(costed, base, p) > 1]
+    assert lowered
+    assert all(plan_bytes(costed.space.profile, p, costed.workload) <= budget for p in evaluator.seen)
+    assert set(strategy.excluded.values()) <= {"fits the budget in no plan"}
+    # synthetic_kl adds up, so every entry, raise or not, is the single-group change from the base.
+    for group, row in strategy.sensitivity.items():
+        for choice, value in enumerate(row):
+            if (group, choice) in strategy.excluded:
+                continue
+            single = synthetic_kl(costed.space.plan_from_choices({**base, group: choice})) - synthetic_kl(strategy.base)
+            assert value == pytest.approx(single, rel=1e-9, abs=1e-15)
+
+
+def _changed(costed: CostedSpace, base: dict[str, int], plan: Plan) -> int:
+    return sum(1 for g, c in costed.space.choices_of(plan).items() if base[g] != c)
 
 
 def test_choices_out_of_reach_are_excluded_not_measured(costed: CostedSpace) -> None:
