@@ -10,9 +10,11 @@ held-out KL. A joint search (bits + sparsity + rank) runs the hybrid beside the 
 the same budgets and number of evaluations.
 
 Strategies: ``tpe`` is TPE warm-started by the integer program (its measurements and verified
-plans are TPE's history; all counted); ``tpe-plain`` (one budget) is TPE from the uniform plan
-alone. ``evo`` starts from the best uniform plan; ``hybrid`` is evolution from the integer
-program's verified plans.
+plans are TPE's history, all counted, and its measured table projects each of TPE's asks onto
+the budget); ``tpe-plain`` (one budget) is TPE from the uniform plan alone, with random
+repair. ``evo`` starts from the best uniform plan; ``ilp`` and ``hybrid`` measure from the best
+uniform plan (the operating point), and ``hybrid`` is evolution from the integer program's
+verified plans.
 
 Counting: ``evals`` is the number of trials a strategy asked (every fidelity counts as one, so an
 evolution's cheap screening evaluations count like full ones); ``evals_to_5pct`` is the first
@@ -63,7 +65,8 @@ def _cells(space: str, counts: Counts) -> list[Cell]:
 
 def _selected(cell: Cell, args: argparse.Namespace) -> bool:
     space_ok = args.only_space is None or cell.space == args.only_space
-    return space_ok and (args.only_budget is None or cell.budget == args.only_budget)
+    strategy_ok = args.only_strategy is None or cell.strategy in ("uniform", *args.only_strategy.split(","))
+    return space_ok and strategy_ok and (args.only_budget is None or cell.budget == args.only_budget)
 
 
 def _table(rows: list[dict[str, object]]) -> str:
@@ -89,6 +92,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only-space", default=None, help="run only the rows of this space, e.g. bits")
     parser.add_argument("--only-budget", default=None, help="run only the rows of this budget, e.g. uniform-4bit")
+    parser.add_argument(
+        "--only-strategy", default=None, help="run only these strategies' rows (and uniform's), e.g. tpe,tpe-plain"
+    )
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--calibration-sequences", type=int, default=8)
     parser.add_argument("--evaluation-sequences", type=int, default=16)

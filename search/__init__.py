@@ -1,7 +1,7 @@
 """Search strategies behind one ask/tell interface, and the controller that drives them."""
 
 from budgetpress.search._base import Outcome, Strategy, scoped
-from budgetpress.search._budget import CostedSpace, fit_to_budget
+from budgetpress.search._budget import CostedSpace, Sensitivity, fit_by_sensitivity, fit_to_budget
 from budgetpress.search._controller import (
     Controller,
     Evaluate,
@@ -31,6 +31,7 @@ __all__ = [
     "IntegerProgramStrategy",
     "Ledger",
     "Outcome",
+    "Sensitivity",
     "RandomStrategy",
     "Stage",
     "Strategy",
@@ -40,6 +41,7 @@ __all__ = [
     "UniformStrategy",
     "best_plan",
     "best_trial_of",
+    "fit_by_sensitivity",
     "fit_to_budget",
     "known_fitness_of",
     "make_strategy",

@@ -40,7 +40,8 @@ class HybridStrategy(Strategy):
 
     With ``then="tpe"`` (and the ``ledger``) the second phase is TPE instead: its sampler then sees
     every trial of the study, measurements and verified plans included, as its history, so it
-    starts from the integer program's knowledge of which units matter rather than from nothing.
+    starts from the integer program's knowledge of which units matter rather than from nothing,
+    and its asks are projected onto the budget by the integer program's measured table.
     ``n_solutions``, ``measure_fidelity``, ``base`` and ``measure_budget`` go to the integer program, ``offspring``,
     ``stages`` and ``max_switches`` to the evolution; ``study``, ``resume_from``, ``scope`` and
     ``known_fitness`` to both.
@@ -141,6 +142,7 @@ class HybridStrategy(Strategy):
             costed=self._evolution_args["costed"],
             budget_bytes=self._evolution_args["budget_bytes"],
             seed=seed,
+            sensitivity=self.integer.sensitivity,
         )
         return self.tpe
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from budgetpress.search._base import Outcome, Strategy
-from budgetpress.search._budget import CostedSpace, fit_to_budget
+from budgetpress.search._budget import CostedSpace, Sensitivity, fit_by_sensitivity, fit_to_budget
 from budgetpress.search._ledger import Ledger
 from budgetpress.space import Plan
 
@@ -37,6 +37,12 @@ class TPEStrategy(Strategy):
     uniform plan) is enqueued as a first trial together with ``fills_per_plan`` variants of it
     that spend the budget it leaves unused on random upgrades: a uniform plan rarely lands on the
     budget, and TPE's random start-up trials alone seldom find the few good plans among many.
+
+    Repair: an ask over the budget is moved onto it by random downgrades, unless ``sensitivity``
+    (an integer program's measured table) is given: then every ask is projected onto the budget
+    the way the table says hurts least (:func:`fit_by_sensitivity`: cheapest-harm downgrades
+    until it fits, best-gain upgrades while they fit), so TPE chooses where to deviate and the
+    measurements decide how the bytes balance.
     """
 
     name = "tpe"
@@ -50,8 +56,10 @@ class TPEStrategy(Strategy):
         seed: int,
         initial_plans: Sequence[Plan] = (),
         fills_per_plan: int = 3,
+        sensitivity: Sensitivity | None = None,
     ) -> None:
         self._ledger = ledger
+        self._sensitivity = sensitivity
         self._costed = costed
         self._budget = budget_bytes
         self._seed = seed
@@ -72,13 +80,21 @@ class TPEStrategy(Strategy):
             for group in self._costed.groups:
                 label = trial.suggest_categorical(group, self._ledger.labels(group))
                 choices[group] = self._ledger.labels(group).index(label)
-            if self._costed.bytes_of(choices) > self._budget:
-                choices = fit_to_budget(self._costed, choices, self._budget, _rng_for(self._seed, trial.number))
+            repaired = self._repaired(choices, trial.number)
+            if repaired != choices:
+                choices = repaired
                 trial.set_user_attr("repaired", True)
             plan = self._costed.space.plan_from_choices(choices)
             self._ledger.adopt(trial, plan)
             plans.append(plan)
         return plans
+
+    def _repaired(self, choices: dict[str, int], number: int) -> dict[str, int]:
+        if self._sensitivity is not None:
+            return fit_by_sensitivity(self._costed, choices, self._budget, self._sensitivity)
+        if self._costed.bytes_of(choices) > self._budget:
+            return fit_to_budget(self._costed, choices, self._budget, _rng_for(self._seed, number))
+        return choices
 
     def tell(self, plan: Plan, outcome: Outcome) -> None:
         # The ledger tells the study, which is all TPE learns from.

@@ -143,6 +143,11 @@ class SearchBench:
         self._uniform_plan_json: dict[tuple[str, str], str] = {}
         self._stages = stages_for(config.seq_len * config.calibration_sequences)
 
+    @property
+    def evaluate(self) -> CachedEvaluate:
+        """The session's evaluations, cached across rows."""
+        return self._evaluate
+
     def _log(self, text: str) -> None:
         if self.config.log is not None:
             self.config.log(text)

@@ -229,3 +229,30 @@ def test_budgets_sharing_one_study_share_measurements_and_keep_their_state_apart
         _, trial = best_plan(study, budget_bytes=budget)
         assert trial.user_attrs["memory_bytes"] <= budget
     assert best_plan(study, budget_bytes=budgets[1])[1].value <= best_plan(study, budget_bytes=budgets[0])[1].value
+
+
+def test_tpe_after_the_integer_program_projects_its_asks_with_the_measured_table(costed: CostedSpace) -> None:
+    budget = _budget(costed, 0.3)
+    study = _memory_study()
+    ledger = Ledger(study=study, space=costed.space, budget_bytes=budget)
+    warm = HybridStrategy(costed=costed, budget_bytes=budget, seed=0, study=study, then="tpe", ledger=ledger)
+    evaluator = _InteractingEvaluator()
+    Controller(
+        strategy=warm,
+        ledger=ledger,
+        profile=costed.space.profile,
+        workload=costed.workload,
+        evaluate=evaluator,
+        batch_size=1,
+    ).run(_n_measurements(costed) + 4 + 30)
+    assert warm.tpe is not None
+    verified = [v for v in warm.integer.verified.values() if v is not None]
+    first_tpe = _n_measurements(costed) + 4
+    tpe_trials = [t for t in study.trials[first_tpe:] if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(tpe_trials) >= 20
+    # TPE's asks were projected onto the budget by the table, not left where TPE drew them.
+    assert any(t.user_attrs.get("repaired") for t in tpe_trials)
+    for trial in tpe_trials:
+        assert trial.user_attrs["memory_bytes"] <= budget
+    assert all(plan_bytes(costed.space.profile, p, costed.workload) <= budget for p in evaluator.seen)
+    assert best_plan(study)[1].value <= min(verified)
