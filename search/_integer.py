@@ -47,8 +47,8 @@ import optuna
 from budgetpress.search._base import Outcome, Strategy, scoped
 from budgetpress.search._budget import CostedSpace
 from budgetpress.search._ledger import known_fitness_of
-from budgetpress.search._mckp import solve_mckp
-from budgetpress.space import Plan
+from budgetpress.search._mckp import Solution, solve_mckp
+from budgetpress.space import Plan, setting_dimensions
 
 logger = logging.getLogger(__name__)
 
@@ -331,6 +331,7 @@ class IntegerProgramStrategy(Strategy):
             values.append([_or_inf(self._value(group, c)) for c in range(n_choices)])
         capacity = self._budget - costed.bytes_of({})
         found = solve_mckp(costs, values, capacity, n_solutions=self._n_solutions, time_limit=self._time_limit)
+        found += self._single_dimension_optima(costs, values, capacity, found)
         for picked, total in found:
             choices = dict(zip(costed.groups, picked, strict=True))
             if costed.bytes_of(choices) > self._budget:  # solve_mckp checks in integers; this is a bug
@@ -343,6 +344,37 @@ class IntegerProgramStrategy(Strategy):
             len(self.solutions),
             ", ".join(f"{p:.4g}" for _, p in self.solutions),
         )
+
+    def _single_dimension_optima(
+        self, costs: list[list[int]], values: list[list[float]], capacity: int, found: list[Solution]
+    ) -> list[Solution]:
+        """In a space of several dimensions, the knapsack's optimum within each dimension alone (its
+        choices and dense), where that fits and is not among ``found``. A joint search then verifies
+        the plan each single-dimension search on the same table would pick: the joint optimum of an
+        additive table is never worse, but real errors do not add up, and a joint search must at
+        least match the best single-dimension search it contains."""
+        dimensions = [[setting_dimensions(c) for c in self._costed.space.choices(g)] for g in self._costed.groups]
+        every = frozenset().union(*(d for row in dimensions for d in row))
+        if len(every) < 2:
+            return []
+        seen, extra = {tuple(picked) for picked, _ in found}, []
+        for dimension in sorted(every):
+            within = [
+                [v if d <= {dimension} else math.inf for v, d in zip(row, dims, strict=True)]
+                for row, dims in zip(values, dimensions, strict=True)
+            ]
+            admissible = [
+                [c for c, v in zip(cost, row, strict=True) if math.isfinite(v)]
+                for cost, row in zip(costs, within, strict=True)
+            ]
+            if not all(admissible) or sum(min(row) for row in admissible) > capacity:
+                continue
+            (picked, total), *_ = solve_mckp(costs, within, capacity, time_limit=self._time_limit)
+            if tuple(picked) not in seen:
+                seen.add(tuple(picked))
+                extra.append((picked, total))
+                logger.info("integer program: also verifying the best %s-only plan", dimension.value)
+        return extra
 
     def _estimated_base_fitness(self) -> float | None:
         """The base's fitness when it could not be measured: an upgrade from the base is no worse

@@ -36,6 +36,7 @@ from ._space import (
     linear_choices_for,
     parse_dimensions,
     plan_dimensions,
+    setting_dimensions,
 )
 from ._units import KVUnit, LinearUnit, Unit, UnitKind
 from ._workload import Workload
@@ -77,4 +78,5 @@ __all__ = [
     "plan_bytes",
     "plan_dimensions",
     "plan_memory",
+    "setting_dimensions",
 ]

@@ -43,18 +43,20 @@ def parse_dimensions(text: str) -> frozenset[Dimension]:
 
 def plan_dimensions(plan: Plan) -> frozenset[Dimension]:
     """The dimensions a plan actually uses (a 16-bit low-rank factor uses rank, not bits)."""
+    return frozenset().union(*(setting_dimensions(setting) for setting in plan.values()))
+
+
+def setting_dimensions(setting: Setting) -> frozenset[Dimension]:
+    """The dimensions one setting uses; a dense setting uses none."""
+    if isinstance(setting, KVSetting):
+        return frozenset() if setting.is_dense else frozenset({Dimension.KV})
     used: set[Dimension] = set()
-    for setting in plan.values():
-        if isinstance(setting, KVSetting):
-            if not setting.is_dense:
-                used.add(Dimension.KV)
-            continue
-        if setting.bits != 16:
-            used.add(Dimension.BITS)
-        if setting.sparsity:
-            used.add(Dimension.SPARSITY)
-        if setting.rank is not None:
-            used.add(Dimension.RANK)
+    if setting.bits != 16:
+        used.add(Dimension.BITS)
+    if setting.sparsity:
+        used.add(Dimension.SPARSITY)
+    if setting.rank is not None:
+        used.add(Dimension.RANK)
     return frozenset(used)
 
 

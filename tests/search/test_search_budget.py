@@ -64,7 +64,7 @@ def _table(costed: CostedSpace) -> dict[str, list[float | None]]:
 
 
 @pytest.mark.parametrize("fraction", [0.3, 0.45, 0.7])
-def test_fit_by_sensitivity_fits_spends_the_budget_and_beats_random_repair(costed: CostedSpace, fraction: float) -> None:
+def test_fit_by_sensitivity_fits_fills_and_beats_random_repair(costed: CostedSpace, fraction: float) -> None:
     budget = int(costed.dense_bytes * fraction)
     table = _table(costed)
     top = {g: costed.ordered(g)[-1] for g in costed.groups}
