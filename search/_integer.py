@@ -21,8 +21,10 @@ the budget:
   room) is measured directly: the base with only that group changed;
 - a dearer choice that does not fit is measured *with donors*: the base with that group raised
   and the fewest-harm set of other groups lowered to make room (chosen exactly, by the same
-  knapsack, from the cheaper choices measured first); its sensitivity is the measured change
-  minus the donors' own measured sensitivities.
+  knapsack, from the cheaper choices measured first, and from the dimensions already in play
+  where those can make room); its sensitivity is the measured change minus the donors' own
+  measured sensitivities. So a joint space measures its bits-only part exactly as a bits-only
+  search does.
 
 For additive errors this gives the exact table whatever the base; for real models, whose errors
 only roughly add up, it measures every change next to the plans the search will pick between
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -247,7 +249,7 @@ class IntegerProgramStrategy(Strategy):
                 if self._costed.bytes_of(raised) <= limit:
                     plans += self._target(group, choice, raised, ())
                     break
-                donors = self._fewest_harm_donors(group, self._costed.bytes_of(raised) - limit)
+                donors = self._donors_for(group, choice, self._costed.bytes_of(raised) - limit)
                 if donors is not None:
                     plans += self._target(group, choice, {**raised, **dict(donors)}, donors)
                     break
@@ -256,9 +258,25 @@ class IntegerProgramStrategy(Strategy):
         logger.info("integer program: %d raise(s) to measure with donors", len(plans))
         return plans
 
-    def _fewest_harm_donors(self, group: str, needed: int) -> tuple[tuple[str, int], ...] | None:
-        """Cheaper choices of groups other than ``group`` (one each, measured from the base) that free
-        at least ``needed`` bytes at the least total measured harm; None if none can."""
+    def _donors_for(self, group: str, choice: int, needed: int) -> tuple[tuple[str, int], ...] | None:
+        """Donors for raising ``group`` to ``choice``, from the dimensions already in play where they
+        can make room (a raise in bits lowers other groups in bits): a joint space then measures its
+        single-dimension part exactly as the single-dimension search does. Else from any dimension."""
+        raised = setting_dimensions(self._costed.space.choices(group)[choice])
+
+        def in_play(donor: str, lowered: int) -> bool:
+            base = setting_dimensions(self._costed.space.choices(donor)[self._base[donor]])
+            return setting_dimensions(self._costed.space.choices(donor)[lowered]) <= raised | base
+
+        return self._fewest_harm_donors(group, needed, in_play) or self._fewest_harm_donors(
+            group, needed, lambda donor, lowered: True
+        )
+
+    def _fewest_harm_donors(
+        self, group: str, needed: int, allowed: Callable[[str, int], bool]
+    ) -> tuple[tuple[str, int], ...] | None:
+        """Cheaper ``allowed`` choices of groups other than ``group`` (one each, measured from the base)
+        that free at least ``needed`` bytes at the least total measured harm; None if none can."""
         donors = [g for g in self._costed.groups if g != group]
         savings: list[list[int]] = []
         harms: list[list[float]] = []
@@ -268,7 +286,7 @@ class IntegerProgramStrategy(Strategy):
             row = [self._base[donor]] + [
                 c
                 for c in range(len(self._costed.space.choices(donor)))
-                if self._costed.cost(donor, c) < here and self._value(donor, c) is not None
+                if self._costed.cost(donor, c) < here and self._value(donor, c) is not None and allowed(donor, c)
             ]
             options.append(row)
             savings.append([self._costed.cost(donor, c) - here for c in row])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -25,7 +26,15 @@ from budgetpress.search import (
     solve_mckp,
 )
 from budgetpress.search._integer import SOLUTIONS_ATTR, measurement_base
-from budgetpress.space import Dimension, Plan, SearchSpace, Workload, plan_bytes, setting_dimensions
+from budgetpress.space import (
+    Dimension,
+    Plan,
+    SearchSpace,
+    Workload,
+    plan_bytes,
+    plan_dimensions,
+    setting_dimensions,
+)
 
 from .conftest import SyntheticEvaluator, synthetic_kl, toy_profile
 
@@ -453,3 +462,41 @@ def test_a_joint_space_also_verifies_each_dimension_alone() -> None:
         assert dict(zip(costed.groups, picked, strict=True)) in solved
     assert len(solved) == len({tuple(sorted(s.items())) for s in solved}) <= 2 + len(dimensions)
     assert all(value is not None for value in strategy.verified.values())
+
+
+def test_a_joint_space_measures_its_bits_part_as_a_bits_only_search_does() -> None:
+    profile = toy_profile(n_layers=2)
+    bits_only = CostedSpace(SearchSpace.bits_only(profile), Workload(context=32))
+    joint_space = SearchSpace.for_dimensions(profile, frozenset({Dimension.BITS, Dimension.RANK}), context=32)
+    joint = CostedSpace(joint_space, Workload(context=32))
+    budget = _budget(bits_only, 0.35)
+    base_plan = bits_only.space.plan_from_choices(measurement_base(bits_only, budget))
+    alone = _integer(bits_only, budget, base=bits_only.space.choices_of(base_plan))
+    within = _integer(joint, budget, base=joint.space.choices_of(base_plan))
+    _run(alone, bits_only, budget, evaluator=_InteractingSynthetic())
+    _, joint_evaluator = _run(within, joint, budget, evaluator=_InteractingSynthetic())
+    # The joint program lowers groups to low rank to make room where bits alone cannot.
+    assert any(getattr(s, "rank", None) for p in joint_evaluator.seen for s in p.values())
+    for group in bits_only.groups:
+        for choice, setting in enumerate(bits_only.space.choices(group)):
+            if alone.sensitivity[group][choice] is None:  # out of the bits-only space's reach
+                continue
+            same = joint.space.choices(group).index(setting)
+            assert within.sensitivity[group][same] == pytest.approx(alone.sensitivity[group][choice], rel=1e-12)
+    # ... so the joint program also verifies a plan as good as the bits-only program's optimum (by the
+    # table: q and k projections weigh and cost the same, so that optimum may be either of twins).
+    bits_plans = [predicted for plan, predicted in within.solutions if plan_dimensions(plan) <= {Dimension.BITS}]
+    assert bits_plans and min(bits_plans) == pytest.approx(alone.solutions[0][1], rel=1e-12)
+
+
+class _InteractingSynthetic(SyntheticEvaluator):
+    """synthetic_kl with an interaction between low-bit units, so that donors' harm does not add up."""
+
+    def __call__(self, plans: Sequence[Plan], *, max_tokens: int | None = None) -> list[Outcome]:
+        outcomes = super().__call__(plans, max_tokens=max_tokens)
+        for index, plan in enumerate(plans):
+            result = outcomes[index].result
+            assert result is not None
+            low = sum(1 for s in plan.values() if getattr(s, "bits", 16) <= 3)
+            outcomes[index] = Outcome(result=dataclasses.replace(result, kl=result.kl * (1 + 0.05 * low)))
+        return outcomes
